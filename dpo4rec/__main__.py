@@ -1,0 +1,4 @@
+from dpo4rec.cli import app
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,82 @@
+"""The ``dpo4rec`` command line: training, batch jobs and the service behind one typer app.
+
+Each command imports its side lazily, so ``dpo4rec serve`` never loads TRL and ``dpo4rec train`` never
+loads FastAPI. Environment defaults for the CPU engine are set here, before vLLM is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+app = typer.Typer(help="DPO4Rec: LLM re-ranking for recommendations, aligned by DPO.", no_args_is_help=True)
+console = Console()
+
+ENGINE_ENV_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",  # nothing is ever downloaded from a model hub
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache for the CPU engine
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # use every core for the engine worker
+}
+
+
+def _setup(verbose: bool) -> None:
+    for key, value in ENGINE_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="run directory to write (atomically)")] = Path("runs/default"),
+    config: Annotated[str, typer.Option(help="config name in training/configs or a YAML path")] = "default",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. llm.max_tokens=64")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Run the offline pipeline: data, preferences, retrievers, index, evaluation, report."""
+    _setup(verbose)
+    from training.config import load_config
+    from training.pipeline import run_pipeline
+
+    cfg = load_config(config, set_)
+    doc = run_pipeline(cfg, out, overwrite=overwrite)
+    table = Table(title=f"test metrics, {doc['users']} users")
+    for col in ("system", "NDCG@10", "Recall@10", "MRR@10"):
+        table.add_column(col)
+    for row in doc["rows"]:
+        table.add_row(row["system"], *(f"{row[m]:.4f}" for m in ("NDCG@10", "Recall@10", "MRR@10")))
+    console.print(table)
+    console.print(f"run directory: {out}  (report: {out / 'report.md'})")
+    console.print(f"stage seconds: {json.dumps(doc['stage_seconds'])}")
+
+
+@app.command()
+def serve(
+    run: Annotated[Path, typer.Option(help="run directory to serve")] = Path("runs/default"),
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    verbose: Verbose = False,
+) -> None:
+    """Serve POST /rerank on a run directory (settings from DPO4REC_* variables)."""
+    _setup(verbose)
+    from service.server import serve as run_server
+
+    run_server(run_dir=run, host=host, port=port)
+
+
+if __name__ == "__main__":
+    app()
