@@ -82,6 +82,11 @@ def _served_histories(split: Split, users: list[str]) -> dict[str, list[int]]:
     return {u: [*split.users[u].train, split.users[u].valid, split.users[u].test] for u in users}
 
 
+def prompt_histories(split: Split, users: list[str]) -> dict[str, tuple[list[int], list[float]]]:
+    """What a preference prompt may see: the training part of each history, never valid or test."""
+    return {u: (split.users[u].train, split.users[u].train_ratings) for u in users}
+
+
 def infer_preferences(cfg: PipelineConfig, catalog: Catalog, split: Split, users: list[str]) -> dict[str, str]:
     """One greedy preference text per user from the training part of the history, through vLLM."""
     from transformers import AutoTokenizer
@@ -92,8 +97,7 @@ def infer_preferences(cfg: PipelineConfig, catalog: Catalog, split: Split, users
 
     model_dir = resolve_model(cfg.llm.model, Path(cfg.llm.model_cache).expanduser())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    histories = {u: (split.users[u].train, split.users[u].train_ratings) for u in users}
-    prompts = preference_prompts(tokenizer, catalog, histories, PromptConfig(history_items=cfg.llm.history_items))
+    prompts = preference_prompts(tokenizer, catalog, prompt_histories(split, users), PromptConfig(history_items=cfg.llm.history_items))
     engine = make_llm(EngineConfig(model=str(model_dir), max_model_len=cfg.llm.max_model_len,
                                    max_num_seqs=cfg.llm.max_num_seqs, seed=cfg.llm.seed))
     try:

@@ -42,3 +42,13 @@ def test_movielens_ties(ml100k):
 def test_no_user_left():
     with pytest.raises(ValueError, match="at least 5"):
         leave_one_out(_frame([("u", 1, 1.0, 1)]))
+
+
+def test_preference_prompts_never_see_valid_or_test(ml100k):
+    from training.pipeline import prompt_histories
+
+    split = leave_one_out(ml100k.interactions)
+    histories = prompt_histories(split, split.ids())
+    for user, (items, ratings) in histories.items():
+        assert split.users[user].valid not in items and split.users[user].test not in items
+        assert len(items) == len(ratings)

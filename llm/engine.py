@@ -1,0 +1,319 @@
+"""The vLLM engine wrapper: engine construction, batched generation and one-pass label scoring.
+
+Serves both LLM jobs of the design (SPEC sections 1 and 5): free-text generation for the preference
+job, and for the re-rank job the verbalizer of LlamaRec (arXiv 2311.02089): one forward pass per
+prompt, ``SamplingParams(max_tokens=1, allowed_token_ids=labels, logprobs=k)``, reading the next-token
+log-probabilities of the k candidate labels. The engine runs with
+``logprobs_mode="processed_logprobs"`` so those log-probabilities come *after* the allowed-token
+mask: they are a distribution over the labels (their exps sum to 1).
+
+Two engine shapes, same config: ``vllm.LLM`` for batch jobs and tests, and the in-process
+``vllm.v1.engine.async_llm.AsyncLLM`` for the service, owned by an async context manager that always
+shuts it down. vLLM is imported lazily, so importing this module is cheap and callers can set vLLM's
+environment (e.g. ``VLLM_CPU_KVCACHE_SPACE``) first; this library itself never reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from vllm import LLM, RequestOutput, SamplingParams
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger(__name__)
+
+# vLLM caps SamplingParams.logprob_token_ids at 128 (vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS).
+MAX_LABELS = 128
+# Prompts are rendered chat templates that already hold any BOS they want (as in HF and TRL).
+_TOKENIZATION = {"add_special_tokens": False}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to build the vLLM engine. ``model`` is a local folder (see ``llm.models.resolve_model``)."""
+
+    model: str
+    tokenizer: str | None = None  # defaults to the model folder
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048  # prompt + generated tokens
+    enable_prefix_caching: bool = True  # system prompt and per-user parts are shared prefixes
+    seed: int = 0
+    max_num_seqs: int = 64  # sequences batched per engine step
+    max_num_batched_tokens: int | None = None  # None: vLLM's default for the platform
+    max_logprobs: int = 64  # must be >= the largest number of labels scored
+    enable_lora: bool = False
+    max_lora_rank: int = 16
+    max_loras: int = 2  # adapters resident at once (preference + rerank)
+    # KV cache size. None: vLLM decides, which on CPU means VLLM_CPU_KVCACHE_SPACE (GiB) if set,
+    # else gpu_memory_utilization x RAM. On CPU that env var, when set, overrides this field.
+    kv_cache_gib: float | None = None
+    gpu_memory_utilization: float = 0.9  # on CPU: the fraction of RAM vLLM may reserve
+    # None: eager on CPU (torch.compile warm-up takes minutes there and was not faster when
+    # measured), compiled + CUDA graphs on GPU.
+    enforce_eager: bool | None = None
+    tensor_parallel_size: int = 1
+    log_stats: bool = False  # vLLM's periodic stats logging and its Prometheus metrics
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("EngineConfig.model must be a model folder; see llm.models.resolve_model")
+        if self.max_model_len < 64:
+            raise ValueError(f"max_model_len must be >= 64, got {self.max_model_len}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_logprobs < 1:
+            raise ValueError(f"max_logprobs must be >= 1, got {self.max_logprobs}")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by ``vllm.LLM`` and ``AsyncEngineArgs``."""
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "tokenizer": self.tokenizer or self.model,
+            "dtype": self.dtype,
+            "max_model_len": self.max_model_len,
+            "enable_prefix_caching": self.enable_prefix_caching,
+            "seed": self.seed,
+            "max_num_seqs": self.max_num_seqs,
+            "max_logprobs": self.max_logprobs,
+            # Log-probs after the allowed_token_ids mask: label scores are a distribution over labels.
+            "logprobs_mode": "processed_logprobs",
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "enforce_eager": _eager(self.enforce_eager),
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "disable_log_stats": not self.log_stats,
+        }
+        if self.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
+        if self.kv_cache_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * 2**30)
+        if self.enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras)
+        return kwargs
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling settings for free-text generation (the preference job)."""
+
+    n: int = 1  # texts per prompt (the paper samples N=10 per user for DPO pairs)
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    max_tokens: int = 128
+    seed: int | None = None  # per-request seed for reproducible sampling
+    repetition_penalty: float = 1.0  # small models loop at temperature 0; 1.1 helps
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.n < 1 or self.max_tokens < 1:
+            raise ValueError(f"n and max_tokens must be >= 1, got n={self.n}, max_tokens={self.max_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError("n > 1 with temperature 0 returns n identical texts; set temperature > 0")
+
+    def sampling_params(self, final_only: bool = False) -> SamplingParams:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens,
+            seed=self.seed,
+            repetition_penalty=self.repetition_penalty,
+            stop=list(self.stop) or None,
+            output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.CUMULATIVE,
+        )
+
+
+def make_llm(cfg: EngineConfig) -> LLM:
+    """A ``vllm.LLM`` (offline, batched) engine. Start-up takes 20-50 s on CPU: build one and share it."""
+    from vllm import LLM
+
+    logger.info("starting vLLM LLM engine for %s", cfg.model)
+    return LLM(**cfg.engine_kwargs())
+
+
+def shutdown_llm(llm: LLM) -> None:
+    """Stop the engine-core process of a ``vllm.LLM`` (vLLM 0.32 has no public ``LLM.shutdown``)."""
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is not None:
+        engine_core.shutdown()
+
+
+def make_async_engine(cfg: EngineConfig) -> AsyncLLM:
+    """The in-process vLLM v1 ``AsyncLLM`` for the service. Prefer ``async_engine`` (always shuts down)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    logger.info("starting vLLM AsyncLLM engine for %s", cfg.model)
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**cfg.engine_kwargs()))
+
+
+@asynccontextmanager
+async def async_engine(cfg: EngineConfig) -> AsyncIterator[AsyncLLM]:
+    """Own an ``AsyncLLM``: always shut down on exit (its engine core is a child process).
+
+    Construction blocks the event loop for the engine start (20-50 s on CPU). That is deliberate: it
+    happens once, before the service accepts requests, and vLLM forks its engine process, which is
+    safest from the main thread.
+    """
+    engine = make_async_engine(cfg)
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
+def engine_alive(engine: AsyncLLM) -> bool:
+    """False once the engine core died or its output loop stopped (health checks fail on it)."""
+    return not engine.errored
+
+
+def make_lora(name: str, path: str | Path, lora_id: int) -> LoRARequest:
+    """A vLLM LoRA request for a PEFT adapter folder; ``lora_id`` must be unique per adapter (>= 1)."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(path))
+
+
+def generate(
+    llm: LLM,
+    prompts: Sequence[str],
+    gen: GenerationConfig,
+    lora: LoRARequest | None = None,
+    progress: bool = True,
+) -> list[list[str]]:
+    """``gen.n`` texts for each rendered prompt; vLLM batches all prompts together."""
+    outputs = llm.generate(
+        list(prompts),
+        gen.sampling_params(),
+        use_tqdm=progress,
+        lora_request=lora,
+        tokenization_kwargs=_TOKENIZATION,
+    )
+    return [_texts(output) for output in outputs]
+
+
+def score_labels(
+    llm: LLM,
+    prompts: Sequence[str],
+    label_token_ids: Sequence[Sequence[int]],
+    lora: LoRARequest | None = None,
+    progress: bool = False,
+) -> list[np.ndarray]:
+    """Log-probabilities of each prompt's label tokens as its next token: one forward pass per prompt.
+
+    Returns one array per prompt, shape ``(k,)``, ordered as its ``label_token_ids``. The values are
+    normalised over the labels only (processed log-probs after the mask).
+    """
+    if len(prompts) != len(label_token_ids):
+        raise ValueError(f"got {len(prompts)} prompts but {len(label_token_ids)} label id lists")
+    params = [_scoring_params(ids) for ids in label_token_ids]
+    outputs = llm.generate(
+        list(prompts), params, use_tqdm=progress, lora_request=lora, tokenization_kwargs=_TOKENIZATION
+    )
+    return [_label_logprobs(output, ids) for output, ids in zip(outputs, label_token_ids, strict=True)]
+
+
+async def agenerate(
+    engine: AsyncLLM,
+    prompt: str,
+    gen: GenerationConfig,
+    request_id: str | None = None,
+    lora: LoRARequest | None = None,
+) -> list[str]:
+    """``gen.n`` texts for one prompt on the async engine. Cancelling the task aborts the request."""
+    final = await _final_output(engine, prompt, gen.sampling_params(final_only=True), request_id, lora)
+    return _texts(final)
+
+
+async def ascore_labels(
+    engine: AsyncLLM,
+    prompt: str,
+    label_ids: Sequence[int],
+    request_id: str | None = None,
+    lora: LoRARequest | None = None,
+) -> np.ndarray:
+    """``score_labels`` for one prompt on the async engine: shape ``(k,)``, ordered as ``label_ids``."""
+    final = await _final_output(engine, prompt, _scoring_params(label_ids), request_id, lora)
+    return _label_logprobs(final, label_ids)
+
+
+def _scoring_params(label_ids: Sequence[int]) -> SamplingParams:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    ids = [int(i) for i in label_ids]
+    if not ids:
+        raise ValueError("need at least one label token id to score")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"label token ids must be distinct, got {ids}")
+    if len(ids) > MAX_LABELS:
+        raise ValueError(f"vLLM scores at most {MAX_LABELS} labels per prompt, got {len(ids)}")
+    return SamplingParams(
+        max_tokens=1,
+        temperature=0.0,
+        logprobs=len(ids),
+        logprob_token_ids=ids,  # exactly these ids come back, in any order
+        allowed_token_ids=ids,
+        detokenize=False,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+
+
+async def _final_output(
+    engine: AsyncLLM,
+    prompt: str,
+    params: SamplingParams,
+    request_id: str | None,
+    lora: LoRARequest | None,
+) -> RequestOutput:
+    final = None
+    async for output in engine.generate(
+        prompt,
+        params,
+        request_id or uuid.uuid4().hex,
+        lora_request=lora,
+        tokenization_kwargs=_TOKENIZATION,
+    ):
+        final = output
+    if final is None:
+        raise RuntimeError("the vLLM engine finished the request without an output")
+    return final
+
+
+def _texts(output: RequestOutput) -> list[str]:
+    # n>1 completions come back in completion-index order.
+    return [completion.text for completion in sorted(output.outputs, key=lambda c: c.index)]
+
+
+def _label_logprobs(output: RequestOutput, label_ids: Sequence[int]) -> np.ndarray:
+    logprobs = output.outputs[0].logprobs
+    if not logprobs:
+        raise RuntimeError("vLLM returned no log-probs; was the engine built with make_llm/make_async_engine?")
+    first = logprobs[0]  # dict: token id -> Logprob, for the first (only) generated position
+    return np.array([first[i].logprob if i in first else -np.inf for i in label_ids], dtype=np.float64)
+
+
+def _eager(enforce_eager: bool | None) -> bool:
+    if enforce_eager is not None:
+        return enforce_eager
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
