@@ -63,7 +63,7 @@ class RetrieverTrainConfig:
 
 def make_windows(seq: Sequence[int], max_len: int, all_windows: bool) -> list[tuple[list[int], list[int]]]:
     """(inputs, targets) pairs: the last ``max_len + 1`` items shifted by one, and with ``all_windows``
-    also the older windows, so every training item is a target exactly once."""
+    also the older windows (stride ``max_len``), so every item but the first is a target exactly once."""
     out = []
     end = len(seq)
     while end >= 2:

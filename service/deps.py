@@ -1,0 +1,82 @@
+"""Typed accessors for the objects the lifespan puts on ``app.state``, and ``Annotated`` aliases.
+
+After vLLM's ``api_server.py`` (tiny accessors over ``app.state``) and full-stack-fastapi-template's
+``api/deps.py`` (aliases so that handlers read like their signature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, Request
+
+from service.artifacts import Artifacts
+from service.cache import PreferenceCache
+from service.errors import UnavailableError
+from service.language_model import LanguageModel
+from service.limits import InFlightLimiter
+from service.metrics import ServiceMetrics
+from service.pipeline import RerankPipeline
+from service.preferences import PreferenceService
+from service.redis_server import EmbeddedRedis
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+
+@dataclass
+class ServiceState:
+    """Everything the lifespan built; present on ``app.state.service`` while the app is up."""
+
+    artifacts: Artifacts
+    cache: PreferenceCache
+    redis_server: EmbeddedRedis | None  # None with an external redis_url
+    engine: AsyncLLM | None  # None with llm_enabled=False
+    llm: LanguageModel | None
+    preferences: PreferenceService
+    pipeline: RerankPipeline
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    metrics: ServiceMetrics = request.app.state.metrics
+    return metrics
+
+
+def get_limiter(request: Request) -> InFlightLimiter:
+    limiter: InFlightLimiter = request.app.state.limiter
+    return limiter
+
+
+def get_state_or_none(request: Request) -> ServiceState | None:
+    return getattr(request.app.state, "service", None)
+
+
+def get_state(request: Request) -> ServiceState:
+    state = get_state_or_none(request)
+    if state is None:
+        raise UnavailableError("the service is starting or stopping; retry shortly")
+    return state
+
+
+def get_pipeline(state: Annotated[ServiceState, Depends(get_state)]) -> RerankPipeline:
+    return state.pipeline
+
+
+def get_request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id") or "")
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+LimiterDep = Annotated[InFlightLimiter, Depends(get_limiter)]
+StateDep = Annotated[ServiceState, Depends(get_state)]
+MaybeStateDep = Annotated[ServiceState | None, Depends(get_state_or_none)]
+PipelineDep = Annotated[RerankPipeline, Depends(get_pipeline)]
+RequestIdDep = Annotated[str, Depends(get_request_id)]

@@ -1,0 +1,178 @@
+"""Where a request's preference comes from: Redis -> the run directory -> the LLM (one generation per user).
+
+Lookup order (SPEC section 7): the Redis cache; for a user of the run, the precomputed text and vector
+(written back to Redis); otherwise generate with the LLM, encode the text with the frozen text
+encoder, and store both with a TTL.
+
+Generation is single-flight, at two levels:
+
+- in-process: one shared task per user; concurrent requests for the same new user await that one
+  task (``asyncio.shield``, each with its own deadline), so N requests cause ONE generation;
+- across replicas: the task first takes ``lock:pref:{version}:{user}`` with ``SET NX PX``; if another
+  replica holds it, the task polls the cache for that replica's result instead of generating. With
+  Redis down, the in-process single-flight alone applies.
+
+The task is detached from the requests: a request whose deadline passes goes on without a preference
+(``preference_timeout``), while the generation finishes (bounded by ``preference_timeout_s``) and
+fills the cache for the next request. Shutdown cancels open generations, which aborts them in vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from llm.prompts import HistoryItem
+from retrieval.encoder import TextEncoder
+from service.cache import CacheUnavailable, Preference, PreferenceCache
+from service.language_model import LanguageModel
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+Source = Literal["cache", "run", "generated", "none"]
+LOCK_POLL_S = 0.05  # how often a replica waiting on another's generation looks at the cache
+
+
+@dataclass
+class Resolved:
+    preference: Preference | None
+    source: Source
+    degraded: set[str]
+
+
+@dataclass(frozen=True)
+class _Generated:
+    preference: Preference
+    source: Source  # "generated", or "cache" when another replica generated it
+    cache_failed: bool
+
+
+class PreferenceService:
+    def __init__(self, *, version: str, run_preferences: dict[str, tuple[str, np.ndarray]],
+                 cache: PreferenceCache | None, llm: LanguageModel | None, encoder: TextEncoder,
+                 metrics: ServiceMetrics, generation_timeout_s: float):
+        self.version = version
+        self.run_preferences = run_preferences
+        self.cache = cache
+        self.llm = llm
+        self.encoder = encoder
+        self.metrics = metrics
+        self.generation_timeout_s = generation_timeout_s
+        self._tasks: dict[str, asyncio.Task[_Generated]] = {}
+
+    async def resolve(self, user_id: str, history: list[HistoryItem], budget_s: float,
+                      request_id: str) -> Resolved:
+        """The user's preference within ``budget_s`` seconds of waiting for a generation."""
+        degraded: set[str] = set()
+        if self.cache is not None:
+            try:
+                hit = await self.cache.get(user_id)
+            except CacheUnavailable:
+                self.metrics.cache.labels(result="error").inc()
+                degraded.add("cache_unavailable")
+            else:
+                self.metrics.cache.labels(result="hit" if hit else "miss").inc()
+                if hit is not None:
+                    return Resolved(hit, "cache", degraded)
+        stored = self.run_preferences.get(user_id)
+        if stored is not None:
+            preference = Preference(text=stored[0], vector=stored[1])
+            if self.cache is not None and "cache_unavailable" not in degraded:
+                try:
+                    await self.cache.set(user_id, preference)  # re-warm after a Redis restart or TTL
+                except CacheUnavailable:
+                    degraded.add("cache_unavailable")
+            return Resolved(preference, "run", degraded)
+        if self.llm is None or not history:
+            return Resolved(None, "none", degraded)
+        task = self._tasks.get(user_id)
+        if task is None:
+            task = asyncio.create_task(self._generate(user_id, history, request_id), name=f"preference:{user_id}")
+            self._tasks[user_id] = task
+            task.add_done_callback(lambda t, u=user_id: self._forget(u, t))
+        try:
+            done = await asyncio.wait_for(asyncio.shield(task), timeout=max(budget_s, 0.0))
+        except asyncio.TimeoutError:
+            degraded.add("preference_timeout")
+            return Resolved(None, "none", degraded)
+        except Exception as e:  # generation or encoding failed; the request goes on without
+            log.warning("preference for %s unavailable: %s", user_id, e)
+            degraded.add("preference_unavailable")
+            return Resolved(None, "none", degraded)
+        if done.cache_failed:
+            degraded.add("cache_unavailable")
+        return Resolved(done.preference, done.source, degraded)
+
+    def _forget(self, user_id: str, task: asyncio.Task[_Generated]) -> None:
+        if self._tasks.get(user_id) is task:
+            del self._tasks[user_id]
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("generation task for %s failed: %s", user_id, task.exception())
+
+    async def _generate(self, user_id: str, history: list[HistoryItem], request_id: str) -> _Generated:
+        try:
+            return await asyncio.wait_for(self._generate_locked(user_id, history, request_id),
+                                          self.generation_timeout_s)
+        except asyncio.TimeoutError:
+            self.metrics.generations.labels(outcome="timeout").inc()
+            raise
+
+    async def _generate_locked(self, user_id: str, history: list[HistoryItem], request_id: str) -> _Generated:
+        token = uuid.uuid4().hex
+        owned, cache_failed = False, False
+        loop = asyncio.get_running_loop()
+        lock_ms = int(self.generation_timeout_s * 1000)
+        while self.cache is not None and not cache_failed:
+            try:
+                owned = await self.cache.acquire_lock(user_id, token, lock_ms)
+                if owned:
+                    break
+                # another replica is generating: wait for its result, or for its lock to lapse
+                started = loop.time()
+                while loop.time() - started < self.generation_timeout_s:
+                    await asyncio.sleep(LOCK_POLL_S)
+                    found = await self.cache.get(user_id)
+                    if found is not None:
+                        return _Generated(found, "cache", False)
+                    if not await self.cache.lock_held(user_id):
+                        break
+            except CacheUnavailable:
+                cache_failed = True  # in-process single-flight only
+        try:
+            preference = await self._generate_one(user_id, history, request_id)
+            if self.cache is not None and not cache_failed:
+                try:
+                    await self.cache.set(user_id, preference)
+                except CacheUnavailable:
+                    cache_failed = True
+            return _Generated(preference, "generated", cache_failed)
+        finally:
+            if owned and self.cache is not None:
+                await self.cache.release_lock(user_id, token)
+
+    async def _generate_one(self, user_id: str, history: list[HistoryItem], request_id: str) -> Preference:
+        assert self.llm is not None
+        try:
+            text = await self.llm.preference(history, request_id)
+            vector = (await asyncio.to_thread(self.encoder.encode, [text]))[0]  # (D,) float32
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.metrics.generations.labels(outcome="error").inc()
+            raise
+        self.metrics.generations.labels(outcome="ok").inc()
+        log.info("generated a preference", extra={"user_id": user_id, "chars": len(text)})
+        return Preference(text=text, vector=vector)
+
+    async def close(self) -> None:
+        """Cancel open generations (each aborts its vLLM request) and wait for them."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

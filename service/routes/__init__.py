@@ -1,0 +1,1 @@
+"""One router per resource: ``rerank`` (the work), ``health`` (probes), ``metrics`` (Prometheus)."""

@@ -1,0 +1,45 @@
+"""Probes: ``GET /livez`` (the process answers) and ``GET /readyz`` (it can serve, with each check)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.deps import LimiterDep, MaybeStateDep, SettingsDep
+from service.protocol import CheckResult, LivenessResponse, ReadinessResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/livez", response_model=LivenessResponse, summary="Liveness")
+async def livez() -> LivenessResponse:
+    return LivenessResponse()
+
+
+@router.get(
+    "/readyz", response_model=ReadinessResponse, summary="Readiness",
+    responses={503: {"model": ReadinessResponse, "description": "not ready; see the failing checks"}},
+)
+async def readyz(state: MaybeStateDep, settings: SettingsDep, limiter: LimiterDep) -> JSONResponse:
+    """200 when artifacts are loaded, the engine is alive (or disabled) and Redis answers (or is optional)."""
+    checks: dict[str, CheckResult] = {}
+    if state is None:
+        checks["artifacts"] = CheckResult(ok=False, detail="not loaded")
+    else:
+        checks["artifacts"] = CheckResult(ok=True, detail=f"run {state.artifacts.root.name}")
+        if state.llm is None:
+            checks["engine"] = CheckResult(ok=True, detail="disabled (retriever order only)")
+        else:
+            alive = state.llm.alive
+            checks["engine"] = CheckResult(ok=alive, detail="alive" if alive else "dead")
+        reachable = await state.cache.ping()
+        where = "embedded" if state.redis_server is not None else "external"
+        checks["redis"] = CheckResult(
+            ok=reachable or settings.redis_optional,
+            detail=f"{where}, " + ("reachable" if reachable else "unreachable")
+            + (" (optional)" if settings.redis_optional else ""),
+        )
+    checks["accepting"] = CheckResult(ok=not limiter.closing, detail="draining" if limiter.closing else "yes")
+    ready = all(check.ok for check in checks.values())
+    body = ReadinessResponse(ready=ready, model_version=state.artifacts.version if state else None, checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

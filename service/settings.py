@@ -1,0 +1,168 @@
+"""Service settings: one ``Settings(BaseSettings)``, read from ``DPO4REC_*`` variables (and an env file).
+
+After full-stack-fastapi-template's ``core/config.py``: the required field (``run_dir``) has no
+default, cross-field rules are validators whose messages say what to change. The object is built in
+``create_app()``, never as a module global, so tests and the CLI build apps with their own settings.
+
+Lists (``DPO4REC_API_KEYS``) are read as JSON (``["k1","k2"]``) or as comma-separated text.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment. Times in ms or s as their names say."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DPO4REC_", env_file=None, extra="ignore", validate_default=True
+    )
+
+    # ---- artifacts ----------------------------------------------------------------------------------
+    run_dir: Path = Field(description="run directory written by `dpo4rec train` (has manifest.json)")
+    verify_checksums: bool = Field(True, description="check every file's sha256 against the manifest")
+
+    # ---- Redis preference cache ---------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None, description="external Redis (redis://, rediss://, unix://); None = embedded redis-server"
+    )
+    redis_optional: bool = Field(
+        False, description="/readyz stays 200 while Redis is down (requests are still answered anyway)"
+    )
+    redis_timeout_s: float = Field(0.25, gt=0, description="socket connect/read timeout of every call")
+    redis_retry_after_s: float = Field(
+        1.0, ge=0, description="after a Redis error, skip Redis this long (requests do not pay timeouts)"
+    )
+    preference_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="TTL of a cached preference")
+    warm_cache: bool = Field(True, description="load the run's precomputed preferences into Redis at start")
+
+    # ---- request shape ------------------------------------------------------------------------------
+    rerank_k: int | None = Field(None, ge=1, description="candidates scored by the LLM; None = llm.json's")
+    retrieve_k: int = Field(100, ge=1, description="candidates retrieved from FAISS when none are given")
+    max_history: int = Field(200, ge=1, description="newest request-history items kept (older are dropped)")
+    max_candidates: int = Field(500, ge=1, description="more given candidates than this is a 422")
+    default_top_n: int = Field(10, ge=1, description="results returned when the request has no top_n")
+    deadline_ms: int = Field(3000, ge=1, description="default request deadline; a request may lower it")
+    rerank_reserve_ms: int = Field(
+        500, ge=0, description="time kept for LLM re-ranking while waiting for a preference generation"
+    )
+    preference_timeout_s: float = Field(
+        30.0, gt=0, description="bound on one background preference generation (shared by waiters)"
+    )
+
+    # ---- protection ---------------------------------------------------------------------------------
+    max_in_flight: int = Field(64, ge=1, description="concurrent /rerank requests; beyond -> 429")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After header of a 429")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Bearer keys; empty = no authentication"
+    )
+    max_body_bytes: int = Field(1 << 20, ge=256, description="larger request bodies -> 413")
+    drain_timeout_s: float = Field(10.0, ge=0, description="graceful shutdown: wait for in-flight requests")
+
+    # ---- LLM engine ---------------------------------------------------------------------------------
+    llm_enabled: bool = Field(
+        True, description="False: no vLLM engine, retriever order only (flagged llm_disabled)"
+    )
+    model_cache: Path = Field(
+        Path("~/.cache/dpo4rec/models"), description="where resolve_model keeps converted models"
+    )
+    llm_model: Path | None = Field(None, description="HF model folder overriding llm.json's base_model")
+    max_model_len: int = Field(2048, ge=64, description="prompt + generated tokens per request")
+    max_num_seqs: int = Field(16, ge=1, description="sequences the engine batches per step")
+    kv_cache_gib: float | None = Field(None, gt=0, description="KV cache size; None = vLLM's default")
+    preference_max_tokens: int | None = Field(
+        None, ge=1, description="generation length of a preference; None = llm.json's"
+    )
+
+    # ---- logging ------------------------------------------------------------------------------------
+    log_level: LogLevel = "INFO"
+    json_logs: bool = Field(True, description="one JSON object per log line (False: plain text)")
+
+    @field_validator("run_dir", "model_cache", "llm_model", mode="after")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("run_dir", mode="after")
+    @classmethod
+    def _run_dir_exists(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(
+                f"run directory {value} does not exist: train one with `dpo4rec train --out {value}` "
+                "or point DPO4REC_RUN_DIR at an existing run"
+            )
+        return value
+
+    @field_validator("redis_url", mode="after")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None  # an empty variable means "not set": embedded Redis
+        if value is not None and not value.startswith(REDIS_SCHEMES):
+            raise ValueError(
+                f"redis_url must start with one of {', '.join(REDIS_SCHEMES)} (got {value.split('://')[0]}://...)"
+                "; leave it unset to run the embedded Redis"
+            )
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys", mode="after")
+    @classmethod
+    def _keys_not_blank(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for key in value:
+            secret = key.get_secret_value()
+            if len(secret) < 8 or secret != secret.strip():
+                raise ValueError("every API key needs at least 8 characters and no surrounding spaces")
+        return value
+
+    @field_validator("llm_model", mode="after")
+    @classmethod
+    def _model_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value / "config.json").is_file():
+            raise ValueError(
+                f"llm_model {value} is not a Hugging Face model folder (no config.json); "
+                "unset DPO4REC_LLM_MODEL to use the run's llm.json base_model"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Settings:
+        if self.default_top_n > self.max_candidates:
+            raise ValueError(
+                f"default_top_n ({self.default_top_n}) exceeds max_candidates ({self.max_candidates}); "
+                "lower DPO4REC_DEFAULT_TOP_N or raise DPO4REC_MAX_CANDIDATES"
+            )
+        if self.rerank_k is not None and self.rerank_k > self.max_candidates:
+            raise ValueError(
+                f"rerank_k ({self.rerank_k}) exceeds max_candidates ({self.max_candidates}); lower DPO4REC_RERANK_K"
+            )
+        return self
+
+    @property
+    def log_level_number(self) -> int:
+        return int(logging.getLevelName(self.log_level))
+
+
+def load_settings(env_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment, an optional env file, and keyword overrides (highest priority)."""
+    return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
