@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -101,7 +102,7 @@ class PreferenceCache:
     async def get(self, user_id: str) -> Preference | None:
         self._check()
         try:
-            fields = await self.client.hgetall(self.key(user_id))  # type: ignore[misc]
+            fields: dict[Any, Any] = await self.client.hgetall(self.key(user_id))  # type: ignore[misc]
         except (RedisError, OSError) as e:
             raise self._failed("get", e) from None
         if not fields:
@@ -170,12 +171,12 @@ class PreferenceCache:
             log.warning("closing the redis client: %s", e)
 
 
-def _encode(preference: Preference) -> dict[str, bytes]:
+def _encode(preference: Preference) -> dict[Any, Any]:
     vector = np.ascontiguousarray(preference.vector, dtype="<f4").reshape(-1)
     return {"text": preference.text.encode("utf-8"), "vector": vector.tobytes(), "dim": str(len(vector)).encode()}
 
 
-def _decode(fields: dict[bytes, bytes]) -> Preference:
+def _decode(fields: dict[Any, Any]) -> Preference:
     raw = fields[b"vector"]
     dim = int(fields[b"dim"])
     if len(raw) != 4 * dim:

@@ -86,6 +86,11 @@ class LanguageModel:
         except Exception as e:  # best effort: the engine may already be gone
             log.debug("abort of %s failed: %s", request_id, e)
 
+    async def warm_up(self) -> None:
+        """One scoring call at start: the first request would otherwise pay the kernels' set-up."""
+        items = [HistoryItem(title="warm-up one"), HistoryItem(title="warm-up two")]
+        await self.score("warm-up", items[:1], items, request_id="warm-up")
+
     async def preference(self, history: list[HistoryItem], request_id: str | None = None) -> str:
         """A free-text description of the user's tastes from their history (oldest first)."""
         prompt = render(self.tokenizer, preference_messages(history, self.cfg.prompt))

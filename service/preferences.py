@@ -20,6 +20,7 @@ fills the cache for the next request. Shutdown cancels open generations, which a
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from dataclasses import dataclass
@@ -95,7 +96,7 @@ class PreferenceService:
         if task is None:
             task = asyncio.create_task(self._generate(user_id, history, request_id), name=f"preference:{user_id}")
             self._tasks[user_id] = task
-            task.add_done_callback(lambda t, u=user_id: self._forget(u, t))
+            task.add_done_callback(functools.partial(self._forget, user_id))
         try:
             done = await asyncio.wait_for(asyncio.shield(task), timeout=max(budget_s, 0.0))
         except asyncio.TimeoutError:

@@ -37,6 +37,7 @@ class LLMSection:
     max_tokens: int = 96  # preference text length budget (~70 words)
     temperature: float = 0.0  # greedy for the one preference per user of the pipeline
     history_items: int = 30  # most recent training items shown in the preference prompt
+    repetition_penalty: float = 1.1  # a 135M model loops under greedy decoding without it
     seed: int = 0
 
     def __post_init__(self) -> None:

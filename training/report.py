@@ -39,7 +39,7 @@ def _plot_curves(doc: dict[str, Any], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, curve in curves.items():
-        ax.plot([p["epoch"] for p in curve], [p["val_NDCG@10"] for p in curve], label=name)
+        ax.plot([p["epoch"] for p in curve], [p["NDCG@10"] for p in curve], label=name)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation NDCG@10")
     ax.set_title("Retriever training (early stopping on validation NDCG@10)")

@@ -17,9 +17,7 @@ from llm.prompts import (
 )
 
 CONFIG = PromptConfig()
-HISTORY = [
-    HistoryItem(f"Old Movie {i} ({1950 + i})", ("Drama",), year=1950 + i, rating=3.0) for i in range(40)
-] + [
+HISTORY = [HistoryItem(f"Old Movie {i} ({1950 + i})", ("Drama",), year=1950 + i, rating=3.0) for i in range(40)] + [
     HistoryItem("Toy Story (1995)", ("Animation", "Children's", "Comedy"), year=1995, rating=5.0),
     HistoryItem("Heat", ("Action", "Crime"), year=1995, rating=4.5),
 ]
@@ -87,9 +85,7 @@ def test_rerank_prompt_is_a_pure_function_with_a_stable_prefix_per_user() -> Non
         (["A", "A", "B", "C", "D"], CANDIDATES, "distinct"),
     ],
 )
-def test_rerank_prompt_rejects_bad_labels(
-    labels: list[str], candidates: list[HistoryItem], message: str
-) -> None:
+def test_rerank_prompt_rejects_bad_labels(labels: list[str], candidates: list[HistoryItem], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         rerank_messages("p", [], candidates, labels, CONFIG)
 
