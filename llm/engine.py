@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 MAX_LABELS = 128
 # Prompts are rendered chat templates that already hold any BOS they want (as in HF and TRL).
 _TOKENIZATION = {"add_special_tokens": False}
+_WARM_UP_PROMPT = "Warming up the engine: " + "one two three four five six seven eight nine ten " * 8
+_WARM_UP_IDS = [100, 101, 102]  # any ids inside every vocabulary
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,13 @@ class EngineConfig:
 
     model: str
     tokenizer: str | None = None  # defaults to the model folder
+    # bf16 halves memory, but on CPUs without AVX512-BF16/AMX vLLM falls back to slow torch matmuls:
+    # measured ~3x slower than "float32" on an AVX2-only machine. Choose per deployment.
     dtype: str = "bfloat16"
     max_model_len: int = 2048  # prompt + generated tokens
     enable_prefix_caching: bool = True  # system prompt and per-user parts are shared prefixes
     seed: int = 0
-    max_num_seqs: int = 64  # sequences batched per engine step
+    max_num_seqs: int | None = None  # sequences batched per engine step; None: vLLM's default
     max_num_batched_tokens: int | None = None  # None: vLLM's default for the platform
     max_logprobs: int = 64  # must be >= the largest number of labels scored
     enable_lora: bool = False
@@ -83,7 +87,6 @@ class EngineConfig:
             "max_model_len": self.max_model_len,
             "enable_prefix_caching": self.enable_prefix_caching,
             "seed": self.seed,
-            "max_num_seqs": self.max_num_seqs,
             "max_logprobs": self.max_logprobs,
             # Log-probs after the allowed_token_ids mask: label scores are a distribution over labels.
             "logprobs_mode": "processed_logprobs",
@@ -92,6 +95,8 @@ class EngineConfig:
             "tensor_parallel_size": self.tensor_parallel_size,
             "disable_log_stats": not self.log_stats,
         }
+        if self.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = self.max_num_seqs
         if self.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
         if self.kv_cache_gib is not None:
@@ -166,18 +171,28 @@ def make_async_engine(cfg: EngineConfig) -> AsyncLLM:
 
 
 @asynccontextmanager
-async def async_engine(cfg: EngineConfig) -> AsyncIterator[AsyncLLM]:
+async def async_engine(cfg: EngineConfig, warm_up: bool = True) -> AsyncIterator[AsyncLLM]:
     """Own an ``AsyncLLM``: always shut down on exit (its engine core is a child process).
 
     Construction blocks the event loop for the engine start (20-50 s on CPU). That is deliberate: it
     happens once, before the service accepts requests, and vLLM forks its engine process, which is
-    safest from the main thread.
+    safest from the main thread. With ``warm_up`` the one-off cost of the first requests (seconds on
+    CPU) is paid here rather than by the first user.
     """
     engine = make_async_engine(cfg)
     try:
+        if warm_up:
+            await ascore_labels(engine, _WARM_UP_PROMPT, _WARM_UP_IDS, request_id="warm-up-score")
+            await agenerate(engine, _WARM_UP_PROMPT, GenerationConfig(max_tokens=2), request_id="warm-up-gen")
         yield engine
     finally:
         engine.shutdown()
+
+
+def warm_up(llm: LLM) -> None:
+    """Run one scoring and one generation request, so the first real request does not pay set-up costs."""
+    score_labels(llm, [_WARM_UP_PROMPT], [_WARM_UP_IDS])
+    generate(llm, [_WARM_UP_PROMPT], GenerationConfig(max_tokens=2), progress=False)
 
 
 def engine_alive(engine: AsyncLLM) -> bool:
@@ -266,14 +281,17 @@ def _scoring_params(label_ids: Sequence[int]) -> SamplingParams:
         raise ValueError(f"label token ids must be distinct, got {ids}")
     if len(ids) > MAX_LABELS:
         raise ValueError(f"vLLM scores at most {MAX_LABELS} labels per prompt, got {len(ids)}")
+    extra: dict[str, Any] = {}
+    if "logprob_token_ids" in SamplingParams.__struct_fields__:  # vLLM >= 0.32; older: top-k after the mask
+        extra["logprob_token_ids"] = ids  # exactly these ids come back (plus the sampled one)
     return SamplingParams(
         max_tokens=1,
         temperature=0.0,
         logprobs=len(ids),
-        logprob_token_ids=ids,  # exactly these ids come back, in any order
         allowed_token_ids=ids,
         detokenize=False,
         output_kind=RequestOutputKind.FINAL_ONLY,
+        **extra,
     )
 
 

@@ -93,7 +93,8 @@ class ItemIndex:
         k = min(k, self.num_items)
         if isinstance(self.index, faiss.IndexHNSW):
             # HNSW returns fewer than k results when efSearch < k; widen per call, never mutate the index
-            params = faiss.SearchParametersHNSW(efSearch=max(self.index.hnsw.efSearch, k))
+            ef = max(self.index.hnsw.efSearch, k)
+            params = faiss.SearchParametersHNSW(efSearch=ef)  # type: ignore[attr-defined]  # missing from stubs
             scores, ids = self.index.search(queries, k, params=params)  # (B, k), (B, k)
         else:
             scores, ids = self.index.search(queries, k)  # (B, k), (B, k)

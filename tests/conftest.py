@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 # The tiny model: LlamaForCausalLM with the SmolLM2 vocabulary. Head size 32 because vLLM's CPU
 # attention supports head sizes 32, 64, 80, ... only (not 16).
-TINY_LLAMA = {
+TINY_LLAMA: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
@@ -107,7 +107,7 @@ def build_tiny_llm(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> None:
     from llm.models import save_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = {
+    ids: dict[str, Any] = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
@@ -129,12 +129,11 @@ def tiny_engine_config(tiny_llm_dir: Path) -> EngineConfig:
 @pytest.fixture(scope="session")
 def llm_engine(tiny_engine_config: EngineConfig) -> Iterator[LLM]:
     """ONE ``vllm.LLM`` on the tiny model for the whole session, shut down at the end."""
-    from llm.engine import GenerationConfig, generate, make_llm, shutdown_llm
+    from llm.engine import make_llm, shutdown_llm, warm_up
 
     llm = make_llm(tiny_engine_config)
     try:
-        # The first request pays one-off kernel set-up (seconds); pay it here, not in a test.
-        generate(llm, ["warm-up"], GenerationConfig(max_tokens=2), progress=False)
+        warm_up(llm)  # the first requests pay one-off set-up costs (seconds): not inside a test
         yield llm
     finally:
         shutdown_llm(llm)

@@ -59,9 +59,13 @@ class RetrieverSection:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
+    windows: str = "all"  # "all": every 50-item chunk of a history trains; "last": only the newest (2.5x faster)
+    num_threads: int = 1  # torch threads; 2 was slower than 1 on this 2-core machine under load
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.windows not in ("all", "last"):
+            raise ValueError(f"retriever.windows must be all or last, not {self.windows!r}")
         if self.fusion not in ("concat", "token", "add"):
             raise ValueError(f"retriever.fusion must be concat, token or add, not {self.fusion!r}")
 

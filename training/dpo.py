@@ -211,6 +211,7 @@ def _common_args(cfg: LoRATrainConfig, trainer_dir: Path, progress: bool) -> dic
         "report_to": "none",
         "disable_tqdm": not progress,
         "dataloader_num_workers": 0,
+        "dataloader_pin_memory": False,  # nothing to pin on CPU; on GPU the batches are tiny anyway
     }
 
 

@@ -75,7 +75,7 @@ def _train_sasrec(cfg: PipelineConfig, catalog: Catalog, split: Split, users: li
                              adaptor_hidden=r.adaptor_hidden)
     train_cfg = RetrieverTrainConfig(epochs=r.epochs, batch_size=r.batch_size, lr=r.lr,
                                      weight_decay=r.weight_decay, patience=r.patience, seed=r.seed,
-                                     max_len=r.max_len)
+                                     max_len=r.max_len, windows=r.windows, num_threads=r.num_threads)
     train_seqs = {u: split.users[u].train for u in users}
     valid = {u: split.users[u].valid for u in users}
     return train_retriever(train_cfg, model_cfg, train_seqs, valid, prefs, progress=True)

@@ -137,7 +137,7 @@ def tiny_lora_dir(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     # init_lora_weights=False: random B as well as A, so the adapter changes the outputs.
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     out = tmp_path_factory.mktemp("tiny-lora")
-    get_peft_model(model, lora).save_pretrained(out)
+    get_peft_model(model, lora).save_pretrained(str(out))
     return out
 
 
