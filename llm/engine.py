@@ -48,7 +48,7 @@ class EngineConfig:
     tokenizer: str | None = None  # defaults to the model folder
     # bf16 halves memory, but on CPUs without AVX512-BF16/AMX vLLM falls back to slow torch matmuls:
     # measured ~3x slower than "float32" on an AVX2-only machine. Choose per deployment.
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # "auto": bfloat16 where the hardware has bf16 math, else float32 (see best_dtype)
     max_model_len: int = 2048  # prompt + generated tokens
     enable_prefix_caching: bool = True  # system prompt and per-user parts are shared prefixes
     seed: int = 0
@@ -83,7 +83,7 @@ class EngineConfig:
         kwargs: dict[str, Any] = {
             "model": self.model,
             "tokenizer": self.tokenizer or self.model,
-            "dtype": self.dtype,
+            "dtype": best_dtype() if self.dtype == "auto" else self.dtype,
             "max_model_len": self.max_model_len,
             "enable_prefix_caching": self.enable_prefix_caching,
             "seed": self.seed,
@@ -144,6 +144,23 @@ class GenerationConfig:
             stop=list(self.stop) or None,
             output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.CUMULATIVE,
         )
+
+
+def best_dtype() -> str:
+    """bfloat16 on a GPU or a CPU with bf16 instructions (AVX512-BF16, AMX); float32 otherwise.
+
+    On an AVX2-only CPU vLLM falls back from oneDNN to plain torch linear layers in bf16, measured
+    about 5x slower than float32 for prefill (docs/BENCHMARKS.md).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
 def make_llm(cfg: EngineConfig) -> LLM:

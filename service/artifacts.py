@@ -110,8 +110,9 @@ def load_llm_spec(root: Path, ignored: list[str]) -> LLMSpec:
             adapters[job] = None
     try:
         prompt = PromptConfig(**_known_fields(PromptConfig, raw.get("prompt") or {}, "prompt", ignored))
-        gen = GenerationConfig(**_known_fields(GenerationConfig, raw.get("preference_generation") or {},
-                                               "preference_generation", ignored))
+        gen = GenerationConfig(
+            **_known_fields(GenerationConfig, raw.get("preference_generation") or {}, "preference_generation", ignored)
+        )
     except (TypeError, ValueError) as e:
         raise RunDirError(f"{root / 'llm.json'}: {e}") from None
     rerank_k = int(raw.get("rerank_k") or DEFAULT_RERANK_K)
@@ -175,8 +176,19 @@ def load_artifacts(root: Path, checksums: bool = True) -> Artifacts:
         raise RunDirError(f"{root / 'users.json'}: item indices outside 1..{n} for users {bad[:5]}")
     ignored: list[str] = []
     llm = load_llm_spec(root, ignored)
-    log.info("loaded run %s (version %s): %d items, %d users, %d preferences", root, version, n, len(users),
-             len(rows))
-    return Artifacts(root=root, version=version, manifest=manifest, catalog=catalog, retriever=retriever,
-                     encoder_config=encoder_config, index=index, preference_texts=texts, preference_rows=rows,
-                     preference_vectors=vectors, users=users, llm=llm, ignored=ignored)
+    log.info("loaded run %s (version %s): %d items, %d users, %d preferences", root, version, n, len(users), len(rows))
+    return Artifacts(
+        root=root,
+        version=version,
+        manifest=manifest,
+        catalog=catalog,
+        retriever=retriever,
+        encoder_config=encoder_config,
+        index=index,
+        preference_texts=texts,
+        preference_rows=rows,
+        preference_vectors=vectors,
+        users=users,
+        llm=llm,
+        ignored=ignored,
+    )

@@ -67,8 +67,7 @@ class DuplicateItemsError(ServiceError):
     error_type = "duplicate_items"
 
     def __init__(self, field: str, item_ids: Sequence[str]):
-        super().__init__(f"duplicate item ids in {field}: {_quote(item_ids)}; send each candidate once",
-                         param=field)
+        super().__init__(f"duplicate item ids in {field}: {_quote(item_ids)}; send each candidate once", param=field)
         self.item_ids = list(item_ids)
 
 
@@ -93,8 +92,10 @@ class OverloadedError(ServiceError):
     error_type = "overloaded"
 
     def __init__(self, limit: int, retry_after_s: int):
-        super().__init__(f"more than {limit} requests in flight; retry after {retry_after_s} s",
-                         headers={"Retry-After": str(retry_after_s)})
+        super().__init__(
+            f"more than {limit} requests in flight; retry after {retry_after_s} s",
+            headers={"Retry-After": str(retry_after_s)},
+        )
 
 
 class BodyTooLargeError(ServiceError):

@@ -86,21 +86,18 @@ class LanguageModel:
         except Exception as e:  # best effort: the engine may already be gone
             log.debug("abort of %s failed: %s", request_id, e)
 
-    async def warm_up(self) -> None:
-        """One scoring call at start: the first request would otherwise pay the kernels' set-up."""
-        items = [HistoryItem(title="warm-up one"), HistoryItem(title="warm-up two")]
-        await self.score("warm-up", items[:1], items, request_id="warm-up")
-
     async def preference(self, history: list[HistoryItem], request_id: str | None = None) -> str:
         """A free-text description of the user's tastes from their history (oldest first)."""
         prompt = render(self.tokenizer, preference_messages(history, self.cfg.prompt))
         rid = f"{request_id or uuid.uuid4().hex}-pref"
-        texts = await self._call("preference", rid,
-                                 agenerate(self.engine, prompt, self.cfg.generation, rid, self.loras["preference"]))
+        texts = await self._call(
+            "preference", rid, agenerate(self.engine, prompt, self.cfg.generation, rid, self.loras["preference"])
+        )
         return str(texts[0]).strip()
 
-    async def score(self, preference: str, recent: list[HistoryItem], candidates: list[HistoryItem],
-                    request_id: str | None = None) -> np.ndarray:
+    async def score(
+        self, preference: str, recent: list[HistoryItem], candidates: list[HistoryItem], request_id: str | None = None
+    ) -> np.ndarray:
         """Probabilities (k,) that the user picks each candidate next; one forward pass."""
         labels = self.labels[: len(candidates)]
         if len(labels) < len(candidates):
@@ -108,9 +105,28 @@ class LanguageModel:
         messages = rerank_messages(preference, recent, candidates, [text for text, _ in labels], self.cfg.prompt)
         prompt = render(self.tokenizer, messages)
         rid = f"{request_id or uuid.uuid4().hex}-rank"
-        logprobs = await self._call("rerank", rid, ascore_labels(self.engine, prompt, [i for _, i in labels], rid,
-                                                                 self.loras["rerank"]))
+        logprobs = await self._call(
+            "rerank", rid, ascore_labels(self.engine, prompt, [i for _, i in labels], rid, self.loras["rerank"])
+        )
         return label_probabilities(np.asarray(logprobs, dtype=np.float64))
+
+
+def resolve_dtype(setting: str) -> str:
+    """``auto``: bfloat16 where it is native (GPU, CPU with AVX512-BF16/AMX), else float32.
+
+    On AVX2-only CPUs vLLM runs bf16 through slow fallbacks (measured ~3x slower than float32).
+    """
+    if setting != "auto":
+        return setting
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
 def label_probabilities(logprobs: np.ndarray) -> np.ndarray:

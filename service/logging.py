@@ -128,8 +128,16 @@ class RequestContextMiddleware:
             self.metrics.request_seconds.labels(endpoint=endpoint).observe(seconds)
             if endpoint not in ("/livez", "/readyz", "/metrics"):
                 access_log.info(
-                    "%s %s %d %.1f ms", scope["method"], scope["path"], status, seconds * 1000,
-                    extra={"method": scope["method"], "path": scope["path"], "status": status,
-                           "duration_ms": round(seconds * 1000, 2)},
+                    "%s %s %d %.1f ms",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    seconds * 1000,
+                    extra={
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_ms": round(seconds * 1000, 2),
+                    },
                 )
             _REQUEST_ID.reset(token)

@@ -27,7 +27,7 @@ from service.auth import ApiKeyMiddleware, bearer_scheme
 from service.cache import CacheUnavailable, Preference, PreferenceCache
 from service.deps import ServiceState
 from service.errors import install_error_handlers
-from service.language_model import LanguageModel, LLMJobConfig
+from service.language_model import LanguageModel, LLMJobConfig, resolve_dtype
 from service.limits import BodySizeLimitMiddleware, InFlightLimiter, InFlightLimitMiddleware
 from service.logging import RequestContextMiddleware
 from service.metrics import ServiceMetrics
@@ -43,9 +43,11 @@ WORK_PATHS = ("/rerank", "/v1/rerank")
 
 async def _warm_cache(cache: PreferenceCache, artifacts: Artifacts) -> None:
     """Put the run's precomputed preferences into Redis (a Redis outage only logs a warning)."""
-    items = ((user, Preference(text, artifacts.preference_vectors[row]))
-             for user, row in artifacts.preference_rows.items()
-             for text in (artifacts.preference_texts[user],))
+    items = (
+        (user, Preference(text, artifacts.preference_vectors[row]))
+        for user, row in artifacts.preference_rows.items()
+        for text in (artifacts.preference_texts[user],)
+    )
     try:
         written = await cache.set_many(items)
     except CacheUnavailable as e:
@@ -54,8 +56,9 @@ async def _warm_cache(cache: PreferenceCache, artifacts: Artifacts) -> None:
     log.info("cache warmed with %d preferences", written)
 
 
-async def _start_llm(settings: Settings, artifacts: Artifacts, metrics: ServiceMetrics,
-                     stack: AsyncExitStack) -> LanguageModel:
+async def _start_llm(
+    settings: Settings, artifacts: Artifacts, metrics: ServiceMetrics, stack: AsyncExitStack
+) -> LanguageModel:
     from transformers import AutoTokenizer
 
     spec = artifacts.llm
@@ -64,24 +67,32 @@ async def _start_llm(settings: Settings, artifacts: Artifacts, metrics: ServiceM
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
     rerank_k = settings.rerank_k or spec.rerank_k
     engine_cfg = EngineConfig(
-        model=str(model_dir), max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
-        max_logprobs=max(64, rerank_k), enable_lora=any(spec.adapters.values()),
+        model=str(model_dir),
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        max_logprobs=max(64, rerank_k),
+        enable_lora=any(spec.adapters.values()),
         kv_cache_gib=settings.kv_cache_gib,
+        dtype=resolve_dtype(settings.llm_dtype),
     )
-    engine = await stack.enter_async_context(async_engine(engine_cfg))
+    engine = await stack.enter_async_context(async_engine(engine_cfg))  # warmed up before it is served
     generation = spec.preference_generation
     if settings.preference_max_tokens is not None:
         generation = replace(generation, max_tokens=settings.preference_max_tokens)
-    llm = LanguageModel(engine, tokenizer, LLMJobConfig(prompt=spec.prompt, generation=generation,
-                                                        rerank_k=rerank_k, adapters=spec.adapters), metrics)
-    await llm.warm_up()
+    llm = LanguageModel(
+        engine,
+        tokenizer,
+        LLMJobConfig(prompt=spec.prompt, generation=generation, rerank_k=rerank_k, adapters=spec.adapters),
+        metrics,
+    )
     metrics.watch_engine(llm.unfinished_requests)
     stack.callback(metrics.watch_engine, lambda: 0.0)  # drop the gauge's reference to the engine
     return llm
 
 
-async def _start_cache(settings: Settings, version: str, stack: AsyncExitStack) -> tuple[PreferenceCache,
-                                                                                        EmbeddedRedis | None]:
+async def _start_cache(
+    settings: Settings, version: str, stack: AsyncExitStack
+) -> tuple[PreferenceCache, EmbeddedRedis | None]:
     server = None
     url = settings.redis_url
     if url is None:
@@ -89,12 +100,12 @@ async def _start_cache(settings: Settings, version: str, stack: AsyncExitStack) 
         await server.start()
         stack.push_async_callback(server.close)
         url = server.url
-    cache = PreferenceCache(url, version, settings.preference_ttl_s, settings.redis_timeout_s,
-                            settings.redis_retry_after_s)
+    cache = PreferenceCache(
+        url, version, settings.preference_ttl_s, settings.redis_timeout_s, settings.redis_retry_after_s
+    )
     stack.push_async_callback(cache.close)
     if not await cache.ping():
-        log.warning("redis at %s is unreachable at start: serving without a cache until it answers",
-                    url.split("@")[-1])
+        log.warning("redis at %s is unreachable at start: serving without a cache until it answers", url.split("@")[-1])
     return cache, server
 
 
@@ -110,26 +121,44 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             raise
         encoder = await asyncio.to_thread(TextEncoder, artifacts.encoder_config)
         if encoder.dim != artifacts.preference_vectors.shape[1]:
-            raise RunDirError(f"the text encoder is {encoder.dim}-d but the run's preference vectors are "
-                              f"{artifacts.preference_vectors.shape[1]}-d: encoder.json does not match the run")
+            raise RunDirError(
+                f"the text encoder is {encoder.dim}-d but the run's preference vectors are "
+                f"{artifacts.preference_vectors.shape[1]}-d: encoder.json does not match the run"
+            )
         cache, server = await _start_cache(settings, artifacts.version, stack)
         if settings.warm_cache:
             await _warm_cache(cache, artifacts)
         llm = await _start_llm(settings, artifacts, metrics, stack) if settings.llm_enabled else None
         preferences = PreferenceService(
             version=artifacts.version,
-            run_preferences={u: (artifacts.preference_texts[u], artifacts.preference_vectors[r])
-                             for u, r in artifacts.preference_rows.items()},
-            cache=cache, llm=llm, encoder=encoder, metrics=metrics,
+            run_preferences={
+                u: (artifacts.preference_texts[u], artifacts.preference_vectors[r])
+                for u, r in artifacts.preference_rows.items()
+            },
+            cache=cache,
+            llm=llm,
+            encoder=encoder,
+            metrics=metrics,
             generation_timeout_s=settings.preference_timeout_s,
         )
         stack.push_async_callback(preferences.close)
         pipeline = RerankPipeline(artifacts, settings, preferences, llm, metrics)
-        app.state.service = ServiceState(artifacts=artifacts, cache=cache, redis_server=server,
-                                         engine=llm.engine if llm else None, llm=llm,
-                                         preferences=preferences, pipeline=pipeline)
-        log.info("ready: run %s, version %s, redis %s, llm %s", artifacts.root, artifacts.version,
-                 "embedded" if server else "external", "on" if llm else "off")
+        app.state.service = ServiceState(
+            artifacts=artifacts,
+            cache=cache,
+            redis_server=server,
+            engine=llm.engine if llm else None,
+            llm=llm,
+            preferences=preferences,
+            pipeline=pipeline,
+        )
+        log.info(
+            "ready: run %s, version %s, redis %s, llm %s",
+            artifacts.root,
+            artifacts.version,
+            "embedded" if server else "external",
+            "on" if llm else "off",
+        )
         try:
             yield
         finally:
@@ -170,4 +199,3 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
 def app_factory() -> FastAPI:
     """For ``uvicorn --factory service.main:app_factory`` (settings from the environment)."""
     return create_app()
-

@@ -24,27 +24,44 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("dpo4rec_http_requests", "HTTP requests by endpoint and status code",
-                                ["endpoint", "method", "status"], registry=r)
-        self.request_seconds = Histogram("dpo4rec_http_request_duration_seconds", "HTTP request latency",
-                                         ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.stage_seconds = Histogram("dpo4rec_stage_duration_seconds", "pipeline stage latency",
-                                       ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "dpo4rec_http_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "method", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "dpo4rec_http_request_duration_seconds",
+            "HTTP request latency",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "dpo4rec_stage_duration_seconds", "pipeline stage latency", ["stage"], buckets=LATENCY_BUCKETS, registry=r
+        )
         self.in_flight = Gauge("dpo4rec_in_flight_requests", "rerank requests being served", registry=r)
-        self.rejected = Counter("dpo4rec_rejected_requests", "requests refused before the pipeline",
-                                ["reason"], registry=r)
-        self.cache = Counter("dpo4rec_preference_cache_lookups", "preference cache lookups by result",
-                             ["result"], registry=r)  # hit | miss | error
-        self.preference_source = Counter("dpo4rec_preference_source", "where a request's preference came from",
-                                         ["source"], registry=r)  # cache | run | generated | none
-        self.generations = Counter("dpo4rec_preference_generations", "LLM preference generations by outcome",
-                                   ["outcome"], registry=r)  # ok | timeout | error
-        self.degraded = Counter("dpo4rec_degraded_responses", "answers with a degraded part, by reason",
-                                ["reason"], registry=r)
-        self.llm_in_flight = Gauge("dpo4rec_llm_requests_in_flight", "LLM calls this service has open",
-                                   ["job"], registry=r)
-        self.engine_unfinished = Gauge("dpo4rec_engine_unfinished_requests",
-                                       "requests queued or running in the vLLM engine", registry=r)
+        self.rejected = Counter(
+            "dpo4rec_rejected_requests", "requests refused before the pipeline", ["reason"], registry=r
+        )
+        self.cache = Counter(
+            "dpo4rec_preference_cache_lookups", "preference cache lookups by result", ["result"], registry=r
+        )  # hit | miss | error
+        self.preference_source = Counter(
+            "dpo4rec_preference_source", "where a request's preference came from", ["source"], registry=r
+        )  # cache | run | generated | none
+        self.generations = Counter(
+            "dpo4rec_preference_generations", "LLM preference generations by outcome", ["outcome"], registry=r
+        )  # ok | timeout | error
+        self.degraded = Counter(
+            "dpo4rec_degraded_responses", "answers with a degraded part, by reason", ["reason"], registry=r
+        )
+        self.llm_in_flight = Gauge(
+            "dpo4rec_llm_requests_in_flight", "LLM calls this service has open", ["job"], registry=r
+        )
+        self.engine_unfinished = Gauge(
+            "dpo4rec_engine_unfinished_requests", "requests queued or running in the vLLM engine", registry=r
+        )
         for job in ("preference", "rerank"):
             self.llm_in_flight.labels(job=job)
         for result in ("hit", "miss", "error"):

@@ -62,8 +62,14 @@ class _Clock:
 
 
 class RerankPipeline:
-    def __init__(self, artifacts: Artifacts, settings: Settings, preferences: PreferenceService,
-                 llm: LanguageModel | None, metrics: ServiceMetrics):
+    def __init__(
+        self,
+        artifacts: Artifacts,
+        settings: Settings,
+        preferences: PreferenceService,
+        llm: LanguageModel | None,
+        metrics: ServiceMetrics,
+    ):
         self.artifacts = artifacts
         self.settings = settings
         self.preferences = preferences
@@ -122,8 +128,15 @@ class RerankPipeline:
         _, items = self.artifacts.index.search(query, k, exclude=[seen])  # (1, k)
         return [int(i) for i in items[0] if i > 0]
 
-    async def _rerank(self, preference: str, history: list[int], candidates: list[int], clock: _Clock,
-                      request_id: str, degraded: set[str]) -> np.ndarray | None:
+    async def _rerank(
+        self,
+        preference: str,
+        history: list[int],
+        candidates: list[int],
+        clock: _Clock,
+        request_id: str,
+        degraded: set[str],
+    ) -> np.ndarray | None:
         if self.llm is None:
             degraded.add("llm_disabled")
             return None
@@ -179,8 +192,10 @@ class RerankPipeline:
             probabilities = await self._rerank(text, history, candidates, clock, request_id, degraded)
 
         order, scores = final_order(len(candidates), probabilities)
-        results = [self._result(candidates[j], j, score, req.return_items)
-                   for j, score in zip(order[:top_n], scores[:top_n], strict=True)]
+        results = [
+            self._result(candidates[j], j, score, req.return_items)
+            for j, score in zip(order[:top_n], scores[:top_n], strict=True)
+        ]
         clock.timings_ms["total"] = round((time.perf_counter() - clock.start) * 1000, 3)
         for reason in degraded:
             self.metrics.degraded.labels(reason=reason).inc()

@@ -55,9 +55,17 @@ class _Generated:
 
 
 class PreferenceService:
-    def __init__(self, *, version: str, run_preferences: dict[str, tuple[str, np.ndarray]],
-                 cache: PreferenceCache | None, llm: LanguageModel | None, encoder: TextEncoder,
-                 metrics: ServiceMetrics, generation_timeout_s: float):
+    def __init__(
+        self,
+        *,
+        version: str,
+        run_preferences: dict[str, tuple[str, np.ndarray]],
+        cache: PreferenceCache | None,
+        llm: LanguageModel | None,
+        encoder: TextEncoder,
+        metrics: ServiceMetrics,
+        generation_timeout_s: float,
+    ):
         self.version = version
         self.run_preferences = run_preferences
         self.cache = cache
@@ -67,8 +75,7 @@ class PreferenceService:
         self.generation_timeout_s = generation_timeout_s
         self._tasks: dict[str, asyncio.Task[_Generated]] = {}
 
-    async def resolve(self, user_id: str, history: list[HistoryItem], budget_s: float,
-                      request_id: str) -> Resolved:
+    async def resolve(self, user_id: str, history: list[HistoryItem], budget_s: float, request_id: str) -> Resolved:
         """The user's preference within ``budget_s`` seconds of waiting for a generation."""
         degraded: set[str] = set()
         if self.cache is not None:
@@ -118,8 +125,9 @@ class PreferenceService:
 
     async def _generate(self, user_id: str, history: list[HistoryItem], request_id: str) -> _Generated:
         try:
-            return await asyncio.wait_for(self._generate_locked(user_id, history, request_id),
-                                          self.generation_timeout_s)
+            return await asyncio.wait_for(
+                self._generate_locked(user_id, history, request_id), self.generation_timeout_s
+            )
         except asyncio.TimeoutError:
             self.metrics.generations.labels(outcome="timeout").inc()
             raise

@@ -45,19 +45,27 @@ class RerankRequest(BaseModel):
         json_schema_extra={
             "examples": [
                 {"user_id": "196", "top_n": 5, "return_items": True},
-                {"user_id": "new-user-17", "history": ["50", "181", "258"], "candidates": ["1", "7", "100", "121"],
-                 "top_n": 3, "explain": True, "deadline_ms": 1500},
+                {
+                    "user_id": "new-user-17",
+                    "history": ["50", "181", "258"],
+                    "candidates": ["1", "7", "100", "121"],
+                    "top_n": 3,
+                    "explain": True,
+                    "deadline_ms": 1500,
+                },
             ]
         },
     )
 
     user_id: UserId = Field(description="the user to rank for; known users have a stored history")
     history: list[ItemId] | None = Field(
-        None, description="item ids the user interacted with, newest last; required for an unknown user",
+        None,
+        description="item ids the user interacted with, newest last; required for an unknown user",
         examples=[["50", "181", "258"]],
     )
     candidates: list[ItemId] | None = Field(
-        None, min_length=1,
+        None,
+        min_length=1,
         description="item ids to re-rank (distinct); when absent the service retrieves candidates",
         examples=[["1", "7", "100", "121"]],
     )
@@ -92,8 +100,12 @@ class RerankResponse(BaseModel):
                     "request_id": "4f6c1e0ad2a94c7b",
                     "model_version": "ml-100k-20261128-1215",
                     "results": [
-                        {"item_id": "100", "index": 2, "relevance_score": 0.41,
-                         "item": {"title": "Fargo (1996)", "genres": ["Crime", "Drama"], "year": 1996}},
+                        {
+                            "item_id": "100",
+                            "index": 2,
+                            "relevance_score": 0.41,
+                            "item": {"title": "Fargo (1996)", "genres": ["Crime", "Drama"], "year": 1996},
+                        },
                         {"item_id": "1", "index": 0, "relevance_score": 0.22, "item": None},
                     ],
                     "degraded": [],
@@ -127,8 +139,15 @@ class ErrorResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"error": {"message": "unknown item ids in candidates: 999999", "type": "unknown_items",
-                           "code": 422, "param": "candidates"}, "request_id": "4f6c1e0ad2a94c7b"}
+                {
+                    "error": {
+                        "message": "unknown item ids in candidates: 999999",
+                        "type": "unknown_items",
+                        "code": 422,
+                        "param": "candidates",
+                    },
+                    "request_id": "4f6c1e0ad2a94c7b",
+                }
             ]
         }
     )

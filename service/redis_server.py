@@ -68,18 +68,28 @@ class EmbeddedRedis:
         self.socket.unlink(missing_ok=True)
         command = [
             redis_server_binary(),
-            "--port", "0",  # no TCP listener: only the private unix socket
-            "--unixsocket", str(self.socket),
-            "--unixsocketperm", "700",
-            "--dir", str(self.directory),
-            "--save", "",  # no RDB snapshots: the cache is rebuilt from the run directory
-            "--appendonly", "no",
-            "--daemonize", "no",
-            "--loglevel", "warning",
-            "--logfile", str(self.directory / "redis.log"),
+            "--port",
+            "0",  # no TCP listener: only the private unix socket
+            "--unixsocket",
+            str(self.socket),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",  # no RDB snapshots: the cache is rebuilt from the run directory
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str(self.directory / "redis.log"),
         ]
-        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL)
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.start_timeout_s
         while loop.time() < deadline:

@@ -21,8 +21,9 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, env_file: str | Path | None = None,
-          **overrides: Any) -> None:
+def serve(
+    run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, env_file: str | Path | None = None, **overrides: Any
+) -> None:
     """Serve ``run_dir`` until interrupted; other settings from ``DPO4REC_*`` / ``env_file`` / ``overrides``."""
     import uvicorn
 

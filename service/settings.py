@@ -23,9 +23,7 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 class Settings(BaseSettings):
     """Everything the service reads from its environment. Times in ms or s as their names say."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="DPO4REC_", env_file=None, extra="ignore", validate_default=True
-    )
+    model_config = SettingsConfigDict(env_prefix="DPO4REC_", env_file=None, extra="ignore", validate_default=True)
 
     # ---- artifacts ----------------------------------------------------------------------------------
     run_dir: Path = Field(description="run directory written by `dpo4rec train` (has manifest.json)")
@@ -69,15 +67,14 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(10.0, ge=0, description="graceful shutdown: wait for in-flight requests")
 
     # ---- LLM engine ---------------------------------------------------------------------------------
-    llm_enabled: bool = Field(
-        True, description="False: no vLLM engine, retriever order only (flagged llm_disabled)"
-    )
-    model_cache: Path = Field(
-        Path("~/.cache/dpo4rec/models"), description="where resolve_model keeps converted models"
-    )
+    llm_enabled: bool = Field(True, description="False: no vLLM engine, retriever order only (flagged llm_disabled)")
+    model_cache: Path = Field(Path("~/.cache/dpo4rec/models"), description="where resolve_model keeps converted models")
     llm_model: Path | None = Field(None, description="HF model folder overriding llm.json's base_model")
     max_model_len: int = Field(2048, ge=64, description="prompt + generated tokens per request")
     max_num_seqs: int = Field(16, ge=1, description="sequences the engine batches per step")
+    llm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="engine dtype; auto = bfloat16 on GPUs and bf16-capable CPUs, else float32"
+    )
     kv_cache_gib: float | None = Field(None, gt=0, description="KV cache size; None = vLLM's default")
     preference_max_tokens: int | None = Field(
         None, ge=1, description="generation length of a preference; None = llm.json's"

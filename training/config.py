@@ -36,7 +36,7 @@ class LLMSection:
     max_num_seqs: int = 64  # vLLM batch width; prefill is compute-bound on CPU
     max_tokens: int = 96  # preference text length budget (~70 words)
     temperature: float = 0.0  # greedy for the one preference per user of the pipeline
-    history_items: int = 30  # most recent training items shown in the preference prompt
+    history_items: int = 20  # most recent training items in the preference prompt (~600 tokens)
     repetition_penalty: float = 1.1  # a 135M model loops under greedy decoding without it
     seed: int = 0
 

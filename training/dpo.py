@@ -29,7 +29,8 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,17 @@ from training.pairs import PairSet
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
-DPO_CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                  "logps/chosen", "logps/rejected", "learning_rate", "grad_norm")
+DPO_CURVE_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "learning_rate",
+    "grad_norm",
+)
 SFT_CURVE_KEYS = ("loss", "mean_token_accuracy", "entropy", "learning_rate", "grad_norm")
 # What vLLM's CPU/GPU LoRA kernels accept for Llama/Qwen-style models; "all-linear" resolves to these.
 _LORA_DEFAULT = "all-linear"
@@ -69,6 +79,7 @@ class LoRATrainConfig:
     gradient_checkpointing: bool = False  # saves memory, costs ~20-30 % time; a 135M model does not need it
     seed: int = 0
     logging_steps: int = 1  # optimizer steps between logged rows (the curves' resolution)
+    num_threads: int = 0  # torch intra-op threads while training; 0 = leave torch's setting
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -87,6 +98,8 @@ class LoRATrainConfig:
                 f"max_prompt_length ({self.max_prompt_length}) must be in (0, max_length={self.max_length}): "
                 "the completion needs room after the prompt"
             )
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0 (0 = torch's default), got {self.num_threads}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if isinstance(self.lora_target_modules, (list, tuple)):
@@ -140,8 +153,14 @@ def _answer(prompt: Any, text: str) -> Any:
 def dpo_dataset_rows(pairs: PairSet | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """TRL preference rows {prompt, chosen, rejected}; chat prompts get conversational completions."""
     rows = pairs.rows if isinstance(pairs, PairSet) else pairs
-    return [{"prompt": r["prompt"], "chosen": _answer(r["prompt"], r["chosen"]),
-             "rejected": _answer(r["prompt"], r["rejected"])} for r in rows]
+    return [
+        {
+            "prompt": r["prompt"],
+            "chosen": _answer(r["prompt"], r["chosen"]),
+            "rejected": _answer(r["prompt"], r["rejected"]),
+        }
+        for r in rows
+    ]
 
 
 def sft_dataset_rows(examples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -163,8 +182,13 @@ def _drop_long(rows: list[dict[str, Any]], tokenizer: Any, limit: int | None) ->
     kept = [r for r in rows if prompt_length(tokenizer, r["prompt"]) <= limit]
     dropped = len(rows) - len(kept)
     if dropped:
-        log.warning("dropped %d of %d examples whose prompt exceeds max_prompt_length=%d tokens; show fewer "
-                    "history items (PromptConfig.max_history / max_recent) to keep them", dropped, len(rows), limit)
+        log.warning(
+            "dropped %d of %d examples whose prompt exceeds max_prompt_length=%d tokens; show fewer "
+            "history items (PromptConfig.max_history / max_recent) to keep them",
+            dropped,
+            len(rows),
+            limit,
+        )
     return kept, dropped
 
 
@@ -185,8 +209,14 @@ def _load(model_dir: Path, cfg: LoRATrainConfig) -> tuple[Any, Any]:
 def _lora(cfg: LoRATrainConfig) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.lora_target_modules, bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def _common_args(cfg: LoRATrainConfig, trainer_dir: Path, progress: bool) -> dict[str, Any]:
@@ -231,10 +261,30 @@ def _progress_callback() -> Any:
             left = elapsed / state.global_step * (state.max_steps - state.global_step)
             tokens = logs.get("num_tokens")
             speed = f", {tokens / elapsed:.0f} tok/s" if tokens else ""
-            log.info("step %d/%d loss %.4f, %.1f s/step%s, about %s left", state.global_step, state.max_steps,
-                     logs["loss"], elapsed / state.global_step, speed, _duration(left))
+            log.info(
+                "step %d/%d loss %.4f, %.1f s/step%s, about %s left",
+                state.global_step,
+                state.max_steps,
+                logs["loss"],
+                elapsed / state.global_step,
+                speed,
+                _duration(left),
+            )
 
     return TimeEstimate()
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    import torch
+
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _duration(seconds: float) -> str:
@@ -243,35 +293,61 @@ def _duration(seconds: float) -> str:
 
 def _dataset_tokens(dataset: Any, dpo: bool) -> int:
     if dpo:
-        return sum(2 * len(p) + len(c) + len(r) for p, c, r in
-                   zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True))
+        return sum(
+            2 * len(p) + len(c) + len(r)
+            for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+        )
     return sum(len(ids) for ids in dataset["input_ids"])
 
 
-def _run(trainer: Any, cfg: LoRATrainConfig, out_dir: Path, setup_seconds: float, examples: int,
-         dropped: int, curve_keys: Sequence[str], dpo: bool) -> TrainResult:
+def _run(
+    trainer: Any,
+    cfg: LoRATrainConfig,
+    out_dir: Path,
+    setup_seconds: float,
+    examples: int,
+    dropped: int,
+    curve_keys: Sequence[str],
+    dpo: bool,
+) -> TrainResult:
     per_epoch = _dataset_tokens(trainer.train_dataset, dpo)
-    steps = trainer.args.max_steps if trainer.args.max_steps > 0 else math.ceil(
-        cfg.epochs * math.ceil(examples / cfg.batch_size) / cfg.grad_accum)
-    log.info("training on %d examples (%d tokens per epoch), about %d optimizer steps; setup took %s",
-             examples, per_epoch, steps, _duration(setup_seconds))
+    steps = (
+        trainer.args.max_steps
+        if trainer.args.max_steps > 0
+        else math.ceil(cfg.epochs * math.ceil(examples / cfg.batch_size) / cfg.grad_accum)
+    )
+    log.info(
+        "training on %d examples (%d tokens per epoch), about %d optimizer steps; setup took %s",
+        examples,
+        per_epoch,
+        steps,
+        _duration(setup_seconds),
+    )
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
     adapter_dir = out_dir / ADAPTER_DIR
     # The PEFT model alone: adapter_config.json + adapter_model.safetensors (what vLLM's LoRARequest
     # reads). Not trainer.save_model, which would also drop the tokenizer into the adapter folder.
-    trainer.model.save_pretrained(str(adapter_dir))
+    trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])  # not TRL's "ref" copy
     history = list(trainer.state.log_history)
     tokens = int(max((row.get("num_tokens", 0) for row in history), default=0))
-    result = TrainResult(adapter_dir=adapter_dir, log_history=history, curves=curves(history, curve_keys),
-                         examples=examples, dropped_long=dropped, setup_seconds=round(setup_seconds, 2),
-                         train_seconds=round(train_seconds, 2), tokens=tokens,
-                         tokens_per_second=round(tokens / train_seconds, 1) if train_seconds > 0 else 0.0)
+    result = TrainResult(
+        adapter_dir=adapter_dir,
+        log_history=history,
+        curves=curves(history, curve_keys),
+        examples=examples,
+        dropped_long=dropped,
+        setup_seconds=round(setup_seconds, 2),
+        train_seconds=round(train_seconds, 2),
+        tokens=tokens,
+        tokens_per_second=round(tokens / train_seconds, 1) if train_seconds > 0 else 0.0,
+    )
     (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     (out_dir / "log_history.json").write_text(json.dumps(history, indent=2))
-    log.info("trained in %s (%.0f tokens/s); adapter in %s", _duration(train_seconds), result.tokens_per_second,
-             adapter_dir)
+    log.info(
+        "trained in %s (%.0f tokens/s); adapter in %s", _duration(train_seconds), result.tokens_per_second, adapter_dir
+    )
     return result
 
 
@@ -291,9 +367,21 @@ def curves(log_history: Sequence[Mapping[str, Any]], keys: Sequence[str] = DPO_C
 # ---- DPO and SFT ------------------------------------------------------------------------------------
 
 
-def train_dpo(model_dir: str | Path, pairs: PairSet | Sequence[Mapping[str, Any]], cfg: DPOTrainConfig,
-              out_dir: str | Path, progress: bool = True) -> TrainResult:
-    """DPO with a LoRA adapter on the causal LM in ``model_dir``; the adapter goes to ``out_dir/adapter``."""
+def train_dpo(
+    model_dir: str | Path,
+    pairs: PairSet | Sequence[Mapping[str, Any]],
+    cfg: DPOTrainConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    init_adapter: str | Path | None = None,
+) -> TrainResult:
+    """DPO with a LoRA adapter on the causal LM in ``model_dir``; the adapter goes to ``out_dir/adapter``.
+
+    ``init_adapter``: continue training an existing adapter (the re-rank job's SFT adapter). TRL then
+    keeps a frozen copy of it as the reference policy (DPO after SFT), and the result is still ONE
+    adapter on the base model, servable next to the preference adapter by vLLM multi-LoRA. Its LoRA
+    shape comes from the adapter, not from ``cfg``.
+    """
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -301,22 +389,46 @@ def train_dpo(model_dir: str | Path, pairs: PairSet | Sequence[Mapping[str, Any]
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model, tokenizer = _load(Path(model_dir), cfg)
+    peft_config = _lora(cfg)
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        peft_config = None  # TRL copies the loaded adapter into a frozen "ref" adapter
     rows, dropped = _drop_long(dpo_dataset_rows(pairs), tokenizer, cfg.max_prompt_length)
     if not rows:
         raise ValueError("no preference pairs to train on (all dropped or none given)")
-    args = DPOConfig(**_common_args(cfg, out_dir / "trainer", progress), beta=cfg.beta, loss_type=[cfg.loss_type],
-                     precompute_ref_log_probs=cfg.precompute_ref_log_probs,
-                     precompute_ref_batch_size=cfg.precompute_ref_batch_size)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=_lora(cfg), callbacks=[_progress_callback()])
+    args = DPOConfig(
+        **_common_args(cfg, out_dir / "trainer", progress),
+        beta=cfg.beta,
+        loss_type=[cfg.loss_type],
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        precompute_ref_batch_size=cfg.precompute_ref_batch_size,
+    )
     try:
-        return _run(trainer, cfg, out_dir, time.perf_counter() - start, len(rows), dropped, DPO_CURVE_KEYS, dpo=True)
+        with _threads(cfg.num_threads):  # the reference pass runs inside DPOTrainer.__init__
+            trainer = DPOTrainer(
+                model=model,
+                args=args,
+                train_dataset=Dataset.from_list(rows),
+                processing_class=tokenizer,
+                peft_config=peft_config,
+                callbacks=[_progress_callback()],
+            )
+            return _run(
+                trainer, cfg, out_dir, time.perf_counter() - start, len(rows), dropped, DPO_CURVE_KEYS, dpo=True
+            )
     finally:
         shutil.rmtree(out_dir / "trainer", ignore_errors=True)
 
 
-def train_sft(model_dir: str | Path, examples: Sequence[Mapping[str, Any]], cfg: SFTTrainConfig,
-              out_dir: str | Path, progress: bool = True) -> TrainResult:
+def train_sft(
+    model_dir: str | Path,
+    examples: Sequence[Mapping[str, Any]],
+    cfg: SFTTrainConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+) -> TrainResult:
     """SFT with a LoRA adapter on {prompt, completion} rows, loss on the completion only."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -329,16 +441,24 @@ def train_sft(model_dir: str | Path, examples: Sequence[Mapping[str, Any]], cfg:
     if not rows:
         raise ValueError("no SFT examples to train on (all dropped or none given)")
     args = SFTConfig(**_common_args(cfg, out_dir / "trainer", progress), completion_only_loss=True, packing=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=_lora(cfg), callbacks=[_progress_callback()])
     try:
-        return _run(trainer, cfg, out_dir, time.perf_counter() - start, len(rows), dropped, SFT_CURVE_KEYS, dpo=False)
+        with _threads(cfg.num_threads):
+            trainer = SFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=Dataset.from_list(rows),
+                processing_class=tokenizer,
+                peft_config=_lora(cfg),
+                callbacks=[_progress_callback()],
+            )
+            return _run(
+                trainer, cfg, out_dir, time.perf_counter() - start, len(rows), dropped, SFT_CURVE_KEYS, dpo=False
+            )
     finally:
         shutil.rmtree(out_dir / "trainer", ignore_errors=True)
 
 
-def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
-                  dtype: str = "bfloat16") -> Path:
+def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
     """A full model folder (weights + tokenizer) with the LoRA adapter merged in, for vLLM without LoRA.
 
     Merged in float32, saved in ``dtype``; written to a temp folder and renamed into place.

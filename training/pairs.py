@@ -111,14 +111,16 @@ def build_pairs(
         if values[chosen] - values[rejected] < min_margin:
             stats.dropped_margin += 1
             continue
-        rows.append({
-            "user_id": user,
-            "prompt": prompts[user],
-            "chosen": samples[chosen].strip(),
-            "rejected": samples[rejected].strip(),
-            "reward_chosen": values[chosen],
-            "reward_rejected": values[rejected],
-        })
+        rows.append(
+            {
+                "user_id": user,
+                "prompt": prompts[user],
+                "chosen": samples[chosen].strip(),
+                "rejected": samples[rejected].strip(),
+                "reward_chosen": values[chosen],
+                "reward_rejected": values[rejected],
+            }
+        )
     stats.kept = len(rows)
     return PairSet(rows=rows, stats=stats)
 

@@ -17,7 +17,9 @@ async def livez() -> LivenessResponse:
 
 
 @router.get(
-    "/readyz", response_model=ReadinessResponse, summary="Readiness",
+    "/readyz",
+    response_model=ReadinessResponse,
+    summary="Readiness",
     responses={503: {"model": ReadinessResponse, "description": "not ready; see the failing checks"}},
 )
 async def readyz(state: MaybeStateDep, settings: SettingsDep, limiter: LimiterDep) -> JSONResponse:
@@ -36,7 +38,8 @@ async def readyz(state: MaybeStateDep, settings: SettingsDep, limiter: LimiterDe
         where = "embedded" if state.redis_server is not None else "external"
         checks["redis"] = CheckResult(
             ok=reachable or settings.redis_optional,
-            detail=f"{where}, " + ("reachable" if reachable else "unreachable")
+            detail=f"{where}, "
+            + ("reachable" if reachable else "unreachable")
             + (" (optional)" if settings.redis_optional else ""),
         )
     checks["accepting"] = CheckResult(ok=not limiter.closing, detail="draining" if limiter.closing else "yes")

@@ -25,8 +25,13 @@ async def _rerank(request: RerankRequest, pipeline: PipelineDep, request_id: Req
 
 
 router.add_api_route(
-    "/rerank", _rerank, methods=["POST"], response_model=RerankResponse, responses=ERRORS,
-    summary="Rank items for a user", operation_id="rerank",
+    "/rerank",
+    _rerank,
+    methods=["POST"],
+    response_model=RerankResponse,
+    responses=ERRORS,
+    summary="Rank items for a user",
+    operation_id="rerank",
     description=(
         "Ranks the given `candidates` (or candidates retrieved from the catalog) for `user_id`. The "
         "LLM re-ranks the top K with the user's preference; a slow or failed LLM or cache degrades "
@@ -34,6 +39,11 @@ router.add_api_route(
     ),
 )
 router.add_api_route(
-    "/v1/rerank", _rerank, methods=["POST"], response_model=RerankResponse, responses=ERRORS,
-    summary="Rank items for a user (versioned alias of /rerank)", operation_id="rerank_v1",
+    "/v1/rerank",
+    _rerank,
+    methods=["POST"],
+    response_model=RerankResponse,
+    responses=ERRORS,
+    summary="Rank items for a user (versioned alias of /rerank)",
+    operation_id="rerank_v1",
 )

@@ -44,8 +44,9 @@ def client(app: FastAPI) -> Iterator[TestClient]:
 def lite_app(tiny_run_dir: Path) -> FastAPI:
     from service.main import create_app
 
-    return create_app(base_settings(tiny_run_dir, llm_enabled=False, max_in_flight=1, api_keys=[API_KEY],
-                                    max_body_bytes=4096))
+    return create_app(
+        base_settings(tiny_run_dir, llm_enabled=False, max_in_flight=1, api_keys=[API_KEY], max_body_bytes=4096)
+    )
 
 
 @pytest.fixture(scope="session")

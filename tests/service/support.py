@@ -49,15 +49,18 @@ def build_run_dir(root: Path, llm_dir: Path, seed: int = 0) -> Path:
     users = {f"u{u}": rng.sample(range(1, N_ITEMS + 1), rng.randint(6, 14)) for u in range(N_USERS)}
     (root / "users.json").write_text(json.dumps(users))
     torch.manual_seed(seed)
-    model = SASRec(SASRecConfig(num_items=N_ITEMS, max_len=20, hidden=32, layers=1, heads=1, dropout=0.0,
-                                pref_dim=384)).eval()
+    model = SASRec(
+        SASRecConfig(num_items=N_ITEMS, max_len=20, hidden=32, layers=1, heads=1, dropout=0.0, pref_dim=384)
+    ).eval()
     model.save(root / "retriever")
     ItemIndex(model.item_vectors()).save(root / "index.faiss")
     encoder_cfg = EncoderConfig()
     (root / "encoder.json").write_text(json.dumps(asdict(encoder_cfg)))
     known = list(users)[:USERS_WITH_PREFERENCES]
-    texts = {u: f"Likes {' and '.join(catalog[i].genres[0] for i in users[u][-2:])} films, mostly recent ones."
-             for u in known}
+    texts = {
+        u: f"Likes {' and '.join(catalog[i].genres[0] for i in users[u][-2:])} films, mostly recent ones."
+        for u in known
+    }
     vectors = TextEncoder(encoder_cfg).encode([texts[u] for u in known])
     with open(root / "preferences.jsonl", "w", encoding="utf-8") as f:
         for u in known:
@@ -65,13 +68,17 @@ def build_run_dir(root: Path, llm_dir: Path, seed: int = 0) -> Path:
     import numpy as np
 
     np.save(root / "preference_vectors.npy", vectors.astype(np.float32))
-    (root / "llm.json").write_text(json.dumps({
-        "base_model": str(llm_dir),
-        "adapters": {"preference": None, "rerank": None},
-        "prompt": {"max_history": 20, "max_recent": 5, "preference_words": 20},
-        "rerank_k": 8,
-        "preference_generation": {"max_tokens": 12, "temperature": 0.0},
-    }))
+    (root / "llm.json").write_text(
+        json.dumps(
+            {
+                "base_model": str(llm_dir),
+                "adapters": {"preference": None, "rerank": None},
+                "prompt": {"max_history": 20, "max_recent": 5, "preference_words": 20},
+                "rerank_k": 8,
+                "preference_generation": {"max_tokens": 12, "temperature": 0.0},
+            }
+        )
+    )
     (root / "metrics.json").write_text(json.dumps({"rows": []}))
     write_manifest(root, version=VERSION, dataset="synthetic-tiny", config={"seed": seed})
     return root

@@ -55,8 +55,9 @@ def test_in_flight_cap_answers_429_with_retry_after(lite_client, lite_app):
 
         transport = httpx.ASGITransport(app=lite_app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=AUTH) as http:
-            held = asyncio.create_task(http.post("/rerank", content=slow_body(),
-                                                 headers={"content-type": "application/json"}))
+            held = asyncio.create_task(
+                http.post("/rerank", content=slow_body(), headers={"content-type": "application/json"})
+            )
             limiter = lite_app.state.limiter
             for _ in range(200):  # until the first request is counted in flight
                 if limiter.count == 1:

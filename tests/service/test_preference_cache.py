@@ -90,8 +90,9 @@ def test_redis_down_degrades_and_recovers(client, app):
 
 
 def test_tiny_deadline_for_a_new_user_goes_on_without_waiting(client, app):
-    body = client.post("/rerank", json={"user_id": "new-hurry-1", "history": HISTORY, "top_n": 4,
-                                        "deadline_ms": 1}).json()
+    body = client.post(
+        "/rerank", json={"user_id": "new-hurry-1", "history": HISTORY, "top_n": 4, "deadline_ms": 1}
+    ).json()
     assert {"preference_timeout", "llm_timeout"} <= set(body["degraded"])
     assert body["preference_source"] == "none"
     assert [r["index"] for r in body["results"]] == [0, 1, 2, 3]  # retriever order

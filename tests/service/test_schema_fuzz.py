@@ -20,8 +20,7 @@ def test_generated_requests_never_get_a_5xx(client):
     operation = schema["/rerank"]["POST"]
     statuses: list[int] = []
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(case=operation.as_strategy())
     def check(case) -> None:
         kwargs = case.as_transport_kwargs(base_url="http://testserver")

@@ -32,18 +32,39 @@ def synthetic_pairs(n: int = 4) -> PairSet:
     """A consistent preference: chosen always says comedy, rejected horror."""
     rows = []
     for i in range(n):
-        prompt = [{"role": "system", "content": "Describe the user's tastes."},
-                  {"role": "user", "content": f"User {i} watched Film {i} and Film {i + 1}."}]
-        rows.append({"user_id": f"u{i}", "prompt": prompt, "chosen": "Loves comedy films.",
-                     "rejected": "Loves horror films.", "reward_chosen": 1.0, "reward_rejected": 0.0})
+        prompt = [
+            {"role": "system", "content": "Describe the user's tastes."},
+            {"role": "user", "content": f"User {i} watched Film {i} and Film {i + 1}."},
+        ]
+        rows.append(
+            {
+                "user_id": f"u{i}",
+                "prompt": prompt,
+                "chosen": "Loves comedy films.",
+                "rejected": "Loves horror films.",
+                "reward_chosen": 1.0,
+                "reward_rejected": 0.0,
+            }
+        )
     return PairSet(rows=rows, stats=PairStats(users=n, kept=n))
 
 
 @pytest.fixture(scope="module")
 def dpo_run(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     # lr and beta far above the paper's (beta=0.01) so a few steps on a random tiny model show the trend
-    cfg = DPOTrainConfig(learning_rate=1e-3, beta=0.1, max_steps=STEPS, batch_size=4, grad_accum=1, warmup=0,
-                         lr_scheduler="constant", max_length=128, max_prompt_length=96, lora_r=8, lora_alpha=16)
+    cfg = DPOTrainConfig(
+        learning_rate=1e-3,
+        beta=0.1,
+        max_steps=STEPS,
+        batch_size=4,
+        grad_accum=1,
+        warmup=0,
+        lr_scheduler="constant",
+        max_length=128,
+        max_prompt_length=96,
+        lora_r=8,
+        lora_alpha=16,
+    )
     return train_dpo(tiny_llm_dir, synthetic_pairs(), cfg, tmp_path_factory.mktemp("dpo"), progress=False)
 
 
@@ -66,13 +87,22 @@ def test_dpo_moves_only_the_lora_weights_and_saves_a_peft_adapter(dpo_run: Train
 
     adapter = dpo_run.adapter_dir
     assert sorted(p.name for p in adapter.iterdir() if p.suffix in (".json", ".safetensors")) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert not (adapter / "tokenizer.json").exists()  # vLLM would take it for a LoRA tokenizer
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["peft_type"] == "LORA"
     # "all-linear" resolves to every linear layer but lm_head (PEFT 0.21 saves the full module paths)
     assert {name.rsplit(".", 1)[-1] for name in config["target_modules"]} == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     weights = load_file(adapter / "adapter_model.safetensors")
     lora_b = [w for name, w in weights.items() if "lora_B" in name]
     assert lora_b and all(torch.count_nonzero(w) > 0 for w in lora_b)  # PEFT initialises B to zeros

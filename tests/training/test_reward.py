@@ -22,8 +22,17 @@ DIM = 8
 
 def controlled_sasrec(num_items: int = N_ITEMS, dim: int = DIM) -> SASRec:
     """A SASRec whose full-ranking scores equal the first ``num_items`` entries of the preference vector."""
-    cfg = SASRecConfig(num_items=num_items, max_len=5, hidden=dim, layers=1, heads=2, dropout=0.0,
-                       pref_dim=dim, fusion="concat", adaptor_hidden=2 * dim)
+    cfg = SASRecConfig(
+        num_items=num_items,
+        max_len=5,
+        hidden=dim,
+        layers=1,
+        heads=2,
+        dropout=0.0,
+        pref_dim=dim,
+        fusion="concat",
+        adaptor_hidden=2 * dim,
+    )
     model = SASRec(cfg).eval()
     eye = torch.eye(dim)
     with torch.no_grad():
@@ -55,14 +64,16 @@ def test_rewards_match_hand_computed_ndcg() -> None:
     # user a: trained on items 1, 2 (excluded from the ranking though they score highest); target item 5.
     # user b: trained on item 6; target item 1.
     seqs, valid = [[1, 2], [6]], [5, 1]
-    vectors = np.stack([
-        pref([6, 5, 4, 3, 2, 1]),  # a: 3 > 4 > 5 among unseen -> rank 2 -> 1/log2(4) = 0.5
-        pref([6, 5, 1, 2, 3, 0]),  # a: 5 first among unseen -> rank 0 -> 1.0
-        pref([6, 5, 4, 3, 0, 1]),  # a: 5 last of {3, 4, 5, 6} -> rank 3 -> 1/log2(5) at k=10, 0 at k=3
-        pref([1, 2, 3, 4, 5, 9]),  # b: item 6 is seen; 1 lowest of {1..5} -> rank 4
-        pref([5, 4, 3, 2, 1, 9]),  # b: 1 first -> 1.0
-        pref([3, 3, 3, 3, 3, 9]),  # b: all tie -> pessimistic rank 4 -> 1/log2(6)
-    ])
+    vectors = np.stack(
+        [
+            pref([6, 5, 4, 3, 2, 1]),  # a: 3 > 4 > 5 among unseen -> rank 2 -> 1/log2(4) = 0.5
+            pref([6, 5, 1, 2, 3, 0]),  # a: 5 first among unseen -> rank 0 -> 1.0
+            pref([6, 5, 4, 3, 0, 1]),  # a: 5 last of {3, 4, 5, 6} -> rank 3 -> 1/log2(5) at k=10, 0 at k=3
+            pref([1, 2, 3, 4, 5, 9]),  # b: item 6 is seen; 1 lowest of {1..5} -> rank 4
+            pref([5, 4, 3, 2, 1, 9]),  # b: 1 first -> 1.0
+            pref([3, 3, 3, 3, 3, 9]),  # b: all tie -> pessimistic rank 4 -> 1/log2(6)
+        ]
+    )
     expected_ranks = np.array([[2, 0, 3], [4, 0, 4]])
     np.testing.assert_array_equal(validation_ranks(model, vectors, seqs, valid), expected_ranks)
     got = rewards(model, vectors, seqs, valid, k=10)
