@@ -6,8 +6,8 @@
   LlamaRec's verbalizer).
 
 The prompts are built by ``llm.prompts`` exactly as in training. Each call has its own vLLM request
-id (``{request_id}-pref`` / ``-rank``); a cancelled call (deadline) aborts its engine request. Adapters
-from ``llm.json`` are applied per job through vLLM multi-LoRA.
+id (``{request_id}-{job}-{random}``); a cancelled call (deadline) aborts its engine request.
+Adapters from ``llm.json`` are applied per job through vLLM multi-LoRA.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class LanguageModel:
     async def preference(self, history: list[HistoryItem], request_id: str | None = None) -> str:
         """A free-text description of the user's tastes from their history (oldest first)."""
         prompt = render(self.tokenizer, preference_messages(history, self.cfg.prompt))
-        rid = f"{request_id or uuid.uuid4().hex}-pref"
+        rid = _engine_request_id(request_id, "pref")
         texts = await self._call(
             "preference", rid, agenerate(self.engine, prompt, self.cfg.generation, rid, self.loras["preference"])
         )
@@ -104,11 +104,16 @@ class LanguageModel:
             raise LLMError(f"only {len(self.labels)} labels prepared for {len(candidates)} candidates")
         messages = rerank_messages(preference, recent, candidates, [text for text, _ in labels], self.cfg.prompt)
         prompt = render(self.tokenizer, messages)
-        rid = f"{request_id or uuid.uuid4().hex}-rank"
+        rid = _engine_request_id(request_id, "rank")
         logprobs = await self._call(
             "rerank", rid, ascore_labels(self.engine, prompt, [i for _, i in labels], rid, self.loras["rerank"])
         )
         return label_probabilities(np.asarray(logprobs, dtype=np.float64))
+
+
+def _engine_request_id(request_id: str | None, job: str) -> str:
+    """Unique per engine call (clients may reuse X-Request-ID) yet traceable to the HTTP request."""
+    return f"{request_id or 'internal'}-{job}-{uuid.uuid4().hex[:8]}"
 
 
 def resolve_dtype(setting: str) -> str:

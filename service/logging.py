@@ -26,7 +26,12 @@ from service.metrics import ServiceMetrics
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = contextvars.ContextVar[str | None]("request_id", default=None)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",  # uvicorn's ANSI-coloured duplicate of msg
+}
 access_log = logging.getLogger("service.access")
 
 
