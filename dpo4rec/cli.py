@@ -32,8 +32,11 @@ ENGINE_ENV_DEFAULTS = {
 def _setup(verbose: bool) -> None:
     for key, value in ENGINE_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)])
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
 
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]

@@ -41,8 +41,15 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(root: Path, *, version: str, dataset: str, config: dict[str, Any],
-                   metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_manifest(
+    root: Path,
+    *,
+    version: str,
+    dataset: str,
+    config: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Checksum every file under ``root`` and write ``manifest.json`` (atomically)."""
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -68,7 +75,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise RunDirError(f"{path} is not valid JSON: {e}") from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise RunDirError(f"{path}: format_version {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+        raise RunDirError(
+            f"{path}: format_version {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        )
     return manifest
 
 

@@ -74,8 +74,13 @@ def _number(value: str, kind: type, path: Path, line: int, column: str) -> float
     return number
 
 
-def _build(name: str, items: list[tuple[int, Item]], rows: list[tuple[int, str, str, float, int]],
-           items_path: Path, inter_path: Path) -> Dataset:
+def _build(
+    name: str,
+    items: list[tuple[int, Item]],
+    rows: list[tuple[int, str, str, float, int]],
+    items_path: Path,
+    inter_path: Path,
+) -> Dataset:
     """Items as (line, Item); rows as (line, user, external item id, rating, timestamp)."""
     if not items:
         raise DataError(items_path, None, "no items")
@@ -84,7 +89,9 @@ def _build(name: str, items: list[tuple[int, Item]], rows: list[tuple[int, str, 
     seen: dict[str, int] = {}
     for line, item in items:
         if item.item_id in seen:
-            raise DataError(items_path, line, f"duplicate item id {item.item_id!r} (first on line {seen[item.item_id]})")
+            raise DataError(
+                items_path, line, f"duplicate item id {item.item_id!r} (first on line {seen[item.item_id]})"
+            )
         seen[item.item_id] = line
     catalog = Catalog(item for _, item in items)
     users, indices, ratings, stamps = [], [], [], []
@@ -143,12 +150,17 @@ def load_recbole(inter_path: Path, item_path: Path, name: str | None = None) -> 
             raise DataError(item_path, line, f"expected {len(icols)} tab-separated fields, got {len(fields)}")
         row = dict(zip(icols, fields, strict=True))
         year = row.get(year_col or "", "")
-        items.append((line, Item(
-            item_id=row["item_id"],
-            title=row.get(title_col or "", "") or row["item_id"],
-            genres=tuple(row[genre_col].split()) if genre_col else (),
-            year=int(year) if year.isdigit() else None,
-        )))
+        items.append(
+            (
+                line,
+                Item(
+                    item_id=row["item_id"],
+                    title=row.get(title_col or "", "") or row["item_id"],
+                    genres=tuple(row[genre_col].split()) if genre_col else (),
+                    year=int(year) if year.isdigit() else None,
+                ),
+            )
+        )
     cols = _atomic_header(inter_path)
     for needed in ("user_id", "item_id"):
         if needed not in cols:
@@ -238,12 +250,15 @@ def _read_table(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
         reader = csv.DictReader(f)
         for row in reader:
             if None in row or any(v is None for v in row.values()):
-                raise DataError(path, reader.line_num, f"expected {len(reader.fieldnames or [])} comma-separated fields")
+                raise DataError(
+                    path, reader.line_num, f"expected {len(reader.fieldnames or [])} comma-separated fields"
+                )
             yield reader.line_num, row
 
 
-def load_table(interactions_path: Path, items_path: Path, columns: TableColumns | None = None,
-               name: str | None = None) -> Dataset:
+def load_table(
+    interactions_path: Path, items_path: Path, columns: TableColumns | None = None, name: str | None = None
+) -> Dataset:
     cols = columns or TableColumns()
     interactions_path, items_path = Path(interactions_path), Path(items_path)
     items = []
@@ -252,17 +267,33 @@ def load_table(interactions_path: Path, items_path: Path, columns: TableColumns 
             raise DataError(items_path, line, f"needs columns {cols.item!r} and {cols.title!r}, has {sorted(row)}")
         year = row.get(cols.year or "", "")
         genres = row.get(cols.genres or "", "")
-        items.append((line, Item(item_id=row[cols.item], title=row[cols.title],
-                                 genres=tuple(g for g in genres.split("|") if g and genres != "nan"),
-                                 year=int(float(year)) if year.replace(".", "", 1).isdigit() else None)))
+        items.append(
+            (
+                line,
+                Item(
+                    item_id=row[cols.item],
+                    title=row[cols.title],
+                    genres=tuple(g for g in genres.split("|") if g and genres != "nan"),
+                    year=int(float(year)) if year.replace(".", "", 1).isdigit() else None,
+                ),
+            )
+        )
     rows = []
     for line, row in _read_table(interactions_path):
         if cols.user not in row or cols.item not in row:
-            raise DataError(interactions_path, line, f"needs columns {cols.user!r} and {cols.item!r}, has {sorted(row)}")
-        rating = (_number(row[cols.rating], float, interactions_path, line, cols.rating)
-                  if cols.rating and cols.rating in row and row[cols.rating] not in ("", "nan") else math.nan)
-        stamp = (_number(row[cols.timestamp], int, interactions_path, line, cols.timestamp)
-                 if cols.timestamp and cols.timestamp in row else line)
+            raise DataError(
+                interactions_path, line, f"needs columns {cols.user!r} and {cols.item!r}, has {sorted(row)}"
+            )
+        rating = (
+            _number(row[cols.rating], float, interactions_path, line, cols.rating)
+            if cols.rating and cols.rating in row and row[cols.rating] not in ("", "nan")
+            else math.nan
+        )
+        stamp = (
+            _number(row[cols.timestamp], int, interactions_path, line, cols.timestamp)
+            if cols.timestamp and cols.timestamp in row
+            else line
+        )
         rows.append((line, row[cols.user], row[cols.item], float(rating), int(stamp)))
     return _build(name or interactions_path.stem, items, rows, items_path, interactions_path)
 

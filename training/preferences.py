@@ -27,13 +27,20 @@ def history_items(catalog: Catalog, items: Sequence[int], ratings: Sequence[floa
     for pos, index in enumerate(items):
         item = catalog[index]
         rating = ratings[pos] if ratings is not None else None
-        out.append(HistoryItem(title=item.title, genres=item.genres, year=item.year,
-                               rating=None if rating is None or math.isnan(rating) else float(rating)))
+        out.append(
+            HistoryItem(
+                title=item.title,
+                genres=item.genres,
+                year=item.year,
+                rating=None if rating is None or math.isnan(rating) else float(rating),
+            )
+        )
     return out
 
 
-def preference_prompts(tokenizer, catalog: Catalog, histories: dict[str, tuple[list[int], list[float] | None]],
-                       prompt_cfg: PromptConfig) -> dict[str, str]:
+def preference_prompts(
+    tokenizer, catalog: Catalog, histories: dict[str, tuple[list[int], list[float] | None]], prompt_cfg: PromptConfig
+) -> dict[str, str]:
     """Rendered chat prompts per user from (items, ratings) histories."""
     return {
         user: render(tokenizer, preference_messages(history_items(catalog, items, ratings), prompt_cfg))

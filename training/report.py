@@ -75,12 +75,21 @@ def write_report(folder: Path, doc: dict[str, Any], examples: dict[str, str] | N
     lines += ["| system | " + " | ".join(METRIC_COLUMNS) + " |", "|---" * (len(METRIC_COLUMNS) + 1) + "|"]
     for r in doc["rows"]:
         lines.append(f"| {r['system']} | " + " | ".join(_fmt(r[m]) for m in METRIC_COLUMNS if m in r) + " |")
-    lines += ["", "![metrics per system](systems.png)", "", "## Differences (paired bootstrap, 95% CI)", "",
-              "| a | b | metric | a - b | 95% CI | users |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "![metrics per system](systems.png)",
+        "",
+        "## Differences (paired bootstrap, 95% CI)",
+        "",
+        "| a | b | metric | a - b | 95% CI | users |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in doc.get("comparisons", []):
         verdict = "" if c["ci_low"] <= 0 <= c["ci_high"] else " **"
-        lines.append(f"| {c['a']} | {c['b']} | {c['metric']} | {c['diff']:+.4f}{verdict} | "
-                     f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | {c['n']} |")
+        lines.append(
+            f"| {c['a']} | {c['b']} | {c['metric']} | {c['diff']:+.4f}{verdict} | "
+            f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | {c['n']} |"
+        )
     lines += ["", "(** the interval excludes 0.)", ""]
     if "index_recall_at_20_vs_exact" in doc:
         lines += [f"FAISS recall@20 against exact search: {doc['index_recall_at_20_vs_exact']:.4f}", ""]

@@ -60,7 +60,9 @@ def test_empty_data_set(tmp_path):
 def test_movielens_grouplens_100k_format(tmp_path):
     flags = "|".join(["0"] * 19)
     drama = "|".join("1" if i == 8 else "0" for i in range(19))
-    _write(tmp_path / "u.item", f"1|Toy Story (1995)|01-Jan-1995||url|{flags}\n2|Heat (1995)|01-Jan-1995||url|{drama}\n")
+    _write(
+        tmp_path / "u.item", f"1|Toy Story (1995)|01-Jan-1995||url|{flags}\n2|Heat (1995)|01-Jan-1995||url|{drama}\n"
+    )
     _write(tmp_path / "u.data", "196\t2\t3\t881250949\n186\t1\t3\t891717742\n")
     ds = load_movielens(tmp_path)
     assert ds.catalog[2].title == "Heat" and ds.catalog[2].genres == ("Drama",) and ds.catalog[1].year == 1995
@@ -77,7 +79,9 @@ def test_movielens_1m_format(tmp_path):
 
 
 def test_csv_and_parquet_pairs(tmp_path):
-    items = pd.DataFrame({"item_id": ["a", "b"], "title": ["Alpha", "Beta"], "genres": ["x|y", "z"], "year": [2000, 2001]})
+    items = pd.DataFrame(
+        {"item_id": ["a", "b"], "title": ["Alpha", "Beta"], "genres": ["x|y", "z"], "year": [2000, 2001]}
+    )
     inters = pd.DataFrame({"user_id": ["u", "u"], "item_id": ["b", "a"], "timestamp": [1, 2]})
     items.to_csv(tmp_path / "items.csv", index=False)
     inters.to_csv(tmp_path / "inter.csv", index=False)

@@ -35,16 +35,29 @@ def write_tiny_dataset(folder, users=40, items=80, seed=0):
 @pytest.mark.engine
 def test_end_to_end_tiny_run(tmp_path, tiny_llm_dir):
     data = write_tiny_dataset(tmp_path / "tiny")
-    cfg = from_dict({
-        "data": {"name": str(data), "data_dir": str(tmp_path / "cache")},
-        "llm": {"model": str(tiny_llm_dir), "max_tokens": 16, "max_model_len": 1024, "history_items": 8},
-        "retriever": {"epochs": 3, "patience": 2, "hidden": 16, "max_len": 12, "adaptor_hidden": 16},
-        "eval": {"bootstrap": 50},
-    })
+    cfg = from_dict(
+        {
+            "data": {"name": str(data), "data_dir": str(tmp_path / "cache")},
+            "llm": {"model": str(tiny_llm_dir), "max_tokens": 16, "max_model_len": 1024, "history_items": 8},
+            "retriever": {"epochs": 3, "patience": 2, "hidden": 16, "max_len": 12, "adaptor_hidden": 16},
+            "eval": {"bootstrap": 50},
+        }
+    )
     out = tmp_path / "run"
     doc = run_pipeline(cfg, out)
-    manifest = verify(out, required=("catalog.jsonl", "index.faiss", "preferences.jsonl", "users.json",
-                                     "llm.json", "metrics.json", "report.md", "systems.png"))
+    manifest = verify(
+        out,
+        required=(
+            "catalog.jsonl",
+            "index.faiss",
+            "preferences.jsonl",
+            "users.json",
+            "llm.json",
+            "metrics.json",
+            "report.md",
+            "systems.png",
+        ),
+    )
     assert manifest["dataset"] == "tiny"
     systems = [r["system"] for r in doc["rows"]]
     assert systems == ["most-popular", "SASRec", "SASRec + base-LLM preferences"]

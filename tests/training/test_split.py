@@ -11,8 +11,14 @@ def _frame(rows):
 
 
 def test_last_is_test_previous_is_valid_and_ties_keep_file_order():
-    rows = [("u", 1, 5.0, 10), ("u", 2, 4.0, 30), ("u", 3, 3.0, 20), ("u", 4, 2.0, 30), ("u", 5, 1.0, 5),
-            ("v", 9, 1.0, 1)]
+    rows = [
+        ("u", 1, 5.0, 10),
+        ("u", 2, 4.0, 30),
+        ("u", 3, 3.0, 20),
+        ("u", 4, 2.0, 30),
+        ("u", 5, 1.0, 5),
+        ("v", 9, 1.0, 1),
+    ]
     split = leave_one_out(_frame(rows), min_interactions=5)
     user = split.users["u"]
     # time order: 5 (5), 1 (10), 3 (20), then 2 and 4 tie at 30 and keep file order
@@ -34,7 +40,7 @@ def test_movielens_ties(ml100k):
     assert len(split.users) == 943
     # 415 users have valid and test at the same timestamp; the file order decides them
     frame = ml100k.interactions
-    stamp = dict(zip(zip(frame.user_id, frame.item), frame.timestamp))
+    stamp = dict(zip(zip(frame.user_id, frame.item, strict=True), frame.timestamp, strict=True))
     ties = sum(stamp[(u, s.valid)] == stamp[(u, s.test)] for u, s in split.users.items())
     assert ties == 415
 
