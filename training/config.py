@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from training.dpo import DPOTrainConfig, SFTTrainConfig
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -39,10 +41,16 @@ class LLMSection:
     history_items: int = 20  # most recent training items in the preference prompt (~600 tokens)
     repetition_penalty: float = 1.1  # a 135M model loops under greedy decoding without it
     seed: int = 0
+    # How the DPO loop's vLLM engines apply trained adapters: "merged" (base + adapter merged into a
+    # float32 folder) or "lora" (vLLM LoRA requests). vLLM's CPU LoRA path gathers the adapter weights
+    # per token and was several times slower than merged weights here (docs/BENCHMARKS.md); use lora on GPUs.
+    engine_adapters: str = "merged"
 
     def __post_init__(self) -> None:
         if self.max_tokens < 8:
             raise ValueError("llm.max_tokens must be >= 8; a preference needs some words")
+        if self.engine_adapters not in ("merged", "lora"):
+            raise ValueError(f"llm.engine_adapters must be merged or lora, not {self.engine_adapters!r}")
 
 
 @dataclass
@@ -77,11 +85,76 @@ class EvalSection:
 
 
 @dataclass
+class PreferenceDPOSection:
+    """DPO4Rec steps 3-5 (training/loop.py): sample, reward on the validation item, pair, DPO, regenerate."""
+
+    rounds: int = 0  # 0 skips the loop; paper: 2 rounds best, 3 overfits
+    samples_per_user: int = 10  # N texts sampled per DPO user (paper: 10)
+    temperature: float = 1.0  # not stated in the paper; the N samples must differ
+    top_p: float = 0.95  # not stated in the paper
+    max_tokens: int | None = None  # sample length; None = llm.max_tokens (the greedy texts' budget)
+    reward_k: int = 10  # reward = NDCG@reward_k of the validation item
+    min_margin: float = 0.0  # drop pairs whose reward gap is smaller (paper: only all-tie users are dropped)
+    max_users: int | None = None  # DPO users: a seeded sample of this many pipeline users; None = all
+    seed: int = 0  # user sample and sampling seeds
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)  # beta 0.01 as the paper
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ValueError(f"preference_dpo.rounds must be >= 0 (0 = no DPO loop), got {self.rounds}")
+        if self.samples_per_user < 2:
+            raise ValueError(f"preference_dpo.samples_per_user must be >= 2 for a pair, got {self.samples_per_user}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"preference_dpo needs temperature > 0 and 0 < top_p <= 1 (samples must differ), "
+                f"got {self.temperature}, {self.top_p}"
+            )
+        if self.max_tokens is not None and self.max_tokens < 8:
+            raise ValueError(f"preference_dpo.max_tokens must be >= 8 or null (llm.max_tokens), got {self.max_tokens}")
+        if self.reward_k < 1:
+            raise ValueError(f"preference_dpo.reward_k must be >= 1, got {self.reward_k}")
+        if self.min_margin < 0:
+            raise ValueError(f"preference_dpo.min_margin must be >= 0, got {self.min_margin}")
+        if self.max_users is not None and self.max_users < 1:
+            raise ValueError(f"preference_dpo.max_users must be >= 1 or null (all users), got {self.max_users}")
+
+
+def _rerank_dpo_default() -> DPOTrainConfig:
+    # One-token completions: the paper's beta=0.01 barely moves a single label's log-prob; TRL's default 0.1.
+    return DPOTrainConfig(beta=0.1, max_prompt_length=1000)
+
+
+@dataclass
+class RerankSection:
+    """The re-rank job (SPEC section 1, training/loop.py): zero-shot, SFT on the true label, then DPO."""
+
+    enabled: bool = False  # off: no re-rank rows, no rerank adapter
+    k: int = 20  # candidates the LLM scores (labels A, B, ...); the rest keep the retriever's order
+    insert_target: bool = True  # training only: a missed validation item is put among the K at a seeded slot
+    seed: int = 0  # training-user sample and insertion slots
+    train_users: int | None = None  # validation-step examples for SFT and DPO: a seeded sample; None = all
+    recent_items: int = 10  # recent history items in the prompt (PromptConfig.max_recent)
+    preference_chars: int = 1000  # the preference text is cut to this (PromptConfig.max_preference_chars)
+    sft: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    dpo: DPOTrainConfig = field(default_factory=_rerank_dpo_default)  # continues the SFT adapter
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.k <= 62:
+            raise ValueError(f"rerank.k must be in [2, 62] (single-token labels A-Z, a-z, 0-9), got {self.k}")
+        if self.train_users is not None and self.train_users < 1:
+            raise ValueError(f"rerank.train_users must be >= 1 or null (all users), got {self.train_users}")
+        if self.recent_items < 0 or self.preference_chars < 16:
+            raise ValueError("rerank.recent_items must be >= 0 and rerank.preference_chars >= 16")
+
+
+@dataclass
 class PipelineConfig:
     data: DataSection = field(default_factory=DataSection)
     llm: LLMSection = field(default_factory=LLMSection)
     retriever: RetrieverSection = field(default_factory=RetrieverSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    preference_dpo: PreferenceDPOSection = field(default_factory=PreferenceDPOSection)
+    rerank: RerankSection = field(default_factory=RerankSection)
     max_users: int | None = None  # evaluate/train on the first N users only (smoke runs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,15 +162,39 @@ class PipelineConfig:
 
 
 def _merge(section_type: type, values: dict[str, Any], where: str) -> Any:
+    """The section's defaults updated with ``values``; nested trainer configs (dataclass fields) merge the
+    same way, so a YAML ``train: {beta: 0.05}`` keeps every other default of that section's trainer."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping of settings, got {type(values).__name__}")
     names = {f.name for f in dataclasses.fields(section_type)}
     unknown = set(values) - names
     if unknown:
         raise ValueError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(names)}")
-    return section_type(**values)
+    default = section_type()
+    kwargs = dict(values)
+    for name, value in values.items():
+        current = getattr(default, name)
+        if dataclasses.is_dataclass(current):
+            kwargs[name] = _merge_into(current, value or {}, f"{where}.{name}")
+    return dataclasses.replace(default, **kwargs)
+
+
+def _merge_into(default: Any, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping of settings, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(default)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(names)}")
+    try:
+        return dataclasses.replace(default, **values)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def from_dict(raw: dict[str, Any], where: str = "config") -> PipelineConfig:
-    sections = {"data": DataSection, "llm": LLMSection, "retriever": RetrieverSection, "eval": EvalSection}
+    sections = {"data": DataSection, "llm": LLMSection, "retriever": RetrieverSection, "eval": EvalSection,
+                "preference_dpo": PreferenceDPOSection, "rerank": RerankSection}
     unknown = set(raw) - set(sections) - {"max_users"}
     if unknown:
         raise ValueError(f"{where}: unknown section(s) {sorted(unknown)}; known: {sorted(sections)} and max_users")

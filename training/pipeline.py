@@ -1,9 +1,10 @@
 """The offline chain into one run directory (SPEC sections 1-6).
 
 data -> leave-one-out split -> most-popular baseline -> SASRec without preferences -> LLM preference
-inference (vLLM) -> text encoder -> SASRec with the preferences fused in -> FAISS index of the served
-retriever -> metrics with bootstrap CIs -> report -> manifest. Every stage is timed; the run directory
-is staged in a temp folder and renamed into place only when complete.
+inference (vLLM) -> text encoder -> SASRec with the preferences fused in -> (when enabled, training/loop.py:
+the DPO loop, which retrains the served retriever on aligned preferences, and the re-rank job) -> FAISS
+index of the served retriever -> metrics with bootstrap CIs -> report -> manifest. Every stage is timed;
+the run directory is staged in a temp folder and renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -131,6 +132,35 @@ def _row(name: str, ranks: np.ndarray) -> dict[str, Any]:
     return {"system": name, **M.summarize(ranks), "users": int(len(ranks))}
 
 
+def prompt_config(cfg: PipelineConfig) -> PromptConfig:
+    """Both jobs' prompt settings, saved in llm.json so the service builds the prompts training saw."""
+    return PromptConfig(max_history=cfg.llm.history_items, max_recent=cfg.rerank.recent_items,
+                        max_preference_chars=cfg.rerank.preference_chars)
+
+
+def _base_preferences_and_samples(cfg: PipelineConfig, catalog: Catalog, split: Split,
+                                  users: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """infer_preferences plus the DPO loop's round-1 samples, one engine (training.loop)."""
+    from llm.models import resolve_model
+    from training.loop import base_preferences_and_samples
+
+    model_dir = resolve_model(cfg.llm.model, Path(cfg.llm.model_cache).expanduser())
+    return base_preferences_and_samples(cfg, catalog, split, users, model_dir)
+
+
+def _run_loop(cfg: PipelineConfig, catalog: Catalog, split: Split, users: list[str], encoder: TextEncoder,
+              texts: dict[str, str], vectors: np.ndarray, augmented: SASRec, base_ranks: np.ndarray,
+              samples: dict[str, list[str]] | None, timer: StageTimer) -> Any:
+    """training.loop.run_loop on the pipeline's state (imported here: loop.py imports this module)."""
+    from llm.models import resolve_model
+    from training.loop import LoopInputs, run_loop
+
+    model_dir = resolve_model(cfg.llm.model, Path(cfg.llm.model_cache).expanduser())
+    return run_loop(LoopInputs(cfg=cfg, catalog=catalog, split=split, users=users, model_dir=model_dir,
+                               encoder=encoder, texts=texts, vectors=vectors, retriever=augmented,
+                               ranks=base_ranks, samples=samples), timer)
+
+
 def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dict[str, Any]:
     timer = StageTimer()
     with timer("data"):
@@ -147,18 +177,31 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
     with timer("sasrec"):
         plain, plain_curve = _train_sasrec(cfg, catalog, split, users, None, 0)
         ranks["SASRec"] = ranks_on_test(score_users(plain, test_seqs, None, users), split, users)
+    samples = None  # with the DPO loop on, its round-1 samples come from the same engine (one start less)
     with timer("preferences_llm"):
-        texts = infer_preferences(cfg, catalog, split, users)
+        if cfg.preference_dpo.rounds:
+            texts, samples = _base_preferences_and_samples(cfg, catalog, split, users)
+        else:
+            texts = infer_preferences(cfg, catalog, split, users)
     with timer("preferences_encode"):
         encoder_cfg = EncoderConfig()
-        vectors = TextEncoder(encoder_cfg).encode([texts[u] for u in users], progress=True)
+        encoder = TextEncoder(encoder_cfg)
+        vectors = encoder.encode([texts[u] for u in users], progress=True)
         prefs = {u: vectors[i] for i, u in enumerate(users)}
     with timer("sasrec_pref"):
         augmented, aug_curve = _train_sasrec(cfg, catalog, split, users, prefs, vectors.shape[1])
         ranks["SASRec + base-LLM preferences"] = ranks_on_test(score_users(augmented, test_seqs, prefs, users), split, users)
+    loop = None  # the DPO loop and the re-rank job (training/loop.py), only when the config enables them
+    if cfg.preference_dpo.rounds or cfg.rerank.enabled:
+        loop = _run_loop(cfg, catalog, split, users, encoder, texts, vectors, augmented,
+                         ranks["SASRec + base-LLM preferences"], samples, timer)
+        ranks.update(loop.ranks)
+    served_texts = loop.texts if loop else texts
+    served_vectors = loop.vectors if loop else vectors
+    served = loop.retriever if loop else augmented
     with timer("index"):
-        index = ItemIndex(augmented.item_vectors(), kind=cfg.eval.index_kind)
-        queries = augmented.user_vectors([test_seqs[u] for u in users], vectors)
+        index = ItemIndex(served.item_vectors(), kind=cfg.eval.index_kind)
+        queries = served.user_vectors([test_seqs[u] for u in users], served_vectors)
         index_recall = index.recall_vs_exact(queries, k=20)
     rows = [_row(name, r) for name, r in ranks.items()]
     per_user = {name: M.per_user(r) for name, r in ranks.items()}
@@ -166,26 +209,36 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
         {"a": a, "b": b, "metric": m, **M.bootstrap_diff(per_user[a][m], per_user[b][m], n_boot=cfg.eval.bootstrap)}
         for a, b in (("SASRec + base-LLM preferences", "SASRec"), ("SASRec", "most-popular"))
         for m in ("NDCG@10", "Recall@10")
-    ]
+    ] + (loop.comparisons if loop else [])
     version = f"{dataset.name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
     metrics_doc = {"split": "test", "users": len(users), "rows": rows, "comparisons": comparisons,
                    "index_recall_at_20_vs_exact": index_recall, "stage_seconds": timer.seconds,
-                   "curves": {"SASRec": plain_curve, "SASRec + base-LLM preferences": aug_curve}}
+                   "curves": {"SASRec": plain_curve, "SASRec + base-LLM preferences": aug_curve,
+                              **(loop.curves if loop else {})}}
+    if loop:  # the retriever the run serves, reward distributions, DPO curves, loop and re-rank details
+        metrics_doc.update({"served_retriever": loop.served_row, **loop.doc})
     with staging_dir(Path(out), overwrite=overwrite) as tmp:
         catalog.save(tmp / "catalog.jsonl")
-        augmented.save(tmp / "retriever")
+        served.save(tmp / "retriever")
         (tmp / "encoder.json").write_text(json.dumps(asdict(encoder_cfg)))
         index.save(tmp / "index.faiss")
-        save_preferences(tmp, {u: texts[u] for u in users}, vectors)
+        save_preferences(tmp, {u: served_texts[u] for u in users}, served_vectors)
         (tmp / "users.json").write_text(json.dumps(_served_histories(split, users)))
+        for rel, content in (loop.files if loop else {}).items():  # adapters/preference, adapters/rerank, dpo/
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(content)
         (tmp / "llm.json").write_text(json.dumps({
-            "base_model": cfg.llm.model, "adapters": {"preference": None, "rerank": None},
-            "prompt": asdict(PromptConfig(max_history=cfg.llm.history_items)), "rerank_k": 20,
+            "base_model": cfg.llm.model,
+            "adapters": loop.adapters if loop else {"preference": None, "rerank": None},
+            "prompt": asdict(prompt_config(cfg)), "rerank_k": cfg.rerank.k,
             "preference_generation": {"max_tokens": cfg.llm.max_tokens, "temperature": cfg.llm.temperature,
                                       "repetition_penalty": cfg.llm.repetition_penalty},
         }, indent=2))
         (tmp / "metrics.json").write_text(json.dumps(metrics_doc, indent=2))
-        write_report(tmp, metrics_doc, examples={u: texts[u] for u in users[:3]})
+        examples = {u: texts[u] for u in users[:3]}
+        if loop and served_texts is not texts:
+            examples.update({f"{u} (DPO-aligned)": served_texts[u] for u in users[:3]})
+        write_report(tmp, metrics_doc, examples=examples)
         headline = {r["system"]: {"NDCG@10": r["NDCG@10"], "Recall@10": r["Recall@10"]} for r in rows}
         write_manifest(tmp, version=version, dataset=dataset.name, config=cfg.to_dict(), metrics=headline)
     log.info("run written to %s (version %s)", out, version)

@@ -1,5 +1,9 @@
 """The human report of a run: ``report.md`` with the results table, the confidence intervals, and PNG
 plots (metrics per system, validation curves, stage times). Reads the ``metrics.json`` document.
+
+When the run has the DPO loop or the re-rank job (training/loop.py), also: NDCG@10 per stage, the reward
+distribution of chosen vs rejected samples, and the DPO/SFT training curves (loss, reward margin,
+preference accuracy).
 """
 
 from __future__ import annotations
@@ -61,6 +65,106 @@ def _plot_stages(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_stage_ndcg(doc: dict[str, Any], path: Path) -> None:
+    rows = doc["rows"]
+    diffs: dict[str, dict[str, Any]] = {}
+    for c in doc.get("comparisons", []):  # a row's first NDCG@10 comparison is against its baseline
+        if c["metric"] == "NDCG@10":
+            diffs.setdefault(c["a"], c)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    values = [r["NDCG@10"] for r in rows]
+    bars = ax.bar(range(len(rows)), values, color=["#999999" if r["system"] not in diffs else "#4c72b0" for r in rows])
+    labels = []
+    for r in rows:
+        c = diffs.get(r["system"])
+        labels.append("" if c is None else f"{c['diff']:+.4f}\n[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]")
+    ax.bar_label(bars, labels=[f"{v:.4f}\n{extra}" for v, extra in zip(values, labels, strict=True)], fontsize=6)
+    ax.set_xticks(range(len(rows)), [r["system"] for r in rows], rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel("test NDCG@10")
+    ax.set_ylim(0, max(values) * 1.35 if values and max(values) > 0 else 1)
+    ax.set_title("NDCG@10 per stage (difference vs its baseline, 95% bootstrap CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_rewards(doc: dict[str, Any], path: Path) -> bool:
+    dists = {k: v for k, v in doc.get("reward_distributions", {}).items() if v.get("chosen")}
+    if not dists:
+        return False
+    fig, axes = plt.subplots(1, len(dists), figsize=(5 * len(dists), 3.4), squeeze=False)
+    for ax, (name, d) in zip(axes[0], dists.items(), strict=True):
+        bins = [i / 20 for i in range(21)]
+        ax.hist(d.get("samples", []), bins=bins, density=True, alpha=0.3, color="gray", label="all samples")
+        ax.hist(d["rejected"], bins=bins, density=True, alpha=0.55, label=f"rejected (mean {_mean(d['rejected']):.3f})")
+        ax.hist(d["chosen"], bins=bins, density=True, alpha=0.55, label=f"chosen (mean {_mean(d['chosen']):.3f})")
+        ax.set_xlabel("reward: validation NDCG@k")
+        ax.set_title(f"{name}: {len(d['chosen'])} pairs")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_dpo_curves(doc: dict[str, Any], path: Path) -> bool:
+    runs = {k: v for k, v in doc.get("dpo_curves", {}).items() if v.get("step")}
+    if not runs:
+        return False
+    panels = (("loss", "DPO loss", True), ("rewards/margins", "reward margin (chosen - rejected)", True),
+              ("rewards/accuracies", "preference accuracy", True), ("loss", "SFT loss", False))
+    colors = {name: f"C{i}" for i, name in enumerate(runs)}  # one colour per run on every panel
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for ax, (key, title, dpo) in zip(axes, panels, strict=True):
+        for name, curve in runs.items():
+            ys = curve.get(key)
+            if ("rewards/margins" in curve) != dpo or not ys:
+                continue
+            pts = [(x, y) for x, y in zip(curve["step"], ys, strict=True) if y is not None]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".", color=colors[name], label=name)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(title)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _loop_lines(doc: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    loop = doc.get("dpo_loop")
+    if loop:
+        lines += ["## Preference DPO loop", "",
+                  f"{loop['dpo_users']} DPO users x {loop['samples_per_user']} samples per round; reward = "
+                  "validation NDCG@k under the round's augmented SASRec.", "",
+                  "| round | pairs | tied users | sample reward | best of N | greedy reward | greedy after DPO "
+                  "(DPO users / all) | DPO train s | tok/s |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in loop["rounds"]:
+            check = r.get("reward_check", {})
+            after = (f"{check['dpo_users']['before']:.4f} -> {check['dpo_users']['after']:.4f} / "
+                     f"{check['all_users']['before']:.4f} -> {check['all_users']['after']:.4f}") if check else "-"
+            train = r.get("train", {})
+            lines.append(f"| {r['round']} | {r['pairs']['kept']} | {r['pairs']['dropped_ties']} | "
+                         f"{r['sample_reward_mean']:.4f} | {r['sample_reward_best_mean']:.4f} | "
+                         f"{r['greedy_reward_mean']:.4f} | {after} | {train.get('train_seconds', '-')} | "
+                         f"{train.get('tokens_per_second', '-')} |")
+        lines.append("")
+    rr = doc.get("rerank")
+    if rr:
+        lines += ["## Re-rank job", "",
+                  f"K = {rr['k']} candidates from the served retriever; {rr['scored_users']} of {rr['users']} test "
+                  f"items are among them (recall@K {rr['candidate_recall']:.4f}), only those prompts are scored. "
+                  f"Training: {rr['train_users']} validation-step examples ({rr['train_inserted']} with the "
+                  f"target inserted); SFT {rr['sft']['train_seconds']} s, DPO {rr['dpo']['train_seconds']} s.", ""]
+    return lines
+
+
 def _fmt(x: float) -> str:
     return f"{x:.4f}"
 
@@ -71,6 +175,11 @@ def write_report(folder: Path, doc: dict[str, Any], examples: dict[str, str] | N
     _plot_systems(doc, folder / "systems.png")
     has_curves = _plot_curves(doc, folder / "curves.png")
     _plot_stages(doc, folder / "stages.png")
+    has_loop = any(k in doc for k in ("dpo_loop", "rerank"))
+    if has_loop:
+        _plot_stage_ndcg(doc, folder / "stage_ndcg.png")
+    has_rewards = _plot_rewards(doc, folder / "rewards.png")
+    has_dpo_curves = _plot_dpo_curves(doc, folder / "dpo_curves.png")
     lines = ["# Run report", "", f"Test items of {doc.get('users')} users; full ranking over all unseen items.", ""]
     lines += ["| system | " + " | ".join(METRIC_COLUMNS) + " |", "|---" * (len(METRIC_COLUMNS) + 1) + "|"]
     for r in doc["rows"]:
@@ -95,6 +204,12 @@ def write_report(folder: Path, doc: dict[str, Any], examples: dict[str, str] | N
         lines += [f"FAISS recall@20 against exact search: {doc['index_recall_at_20_vs_exact']:.4f}", ""]
     if has_curves:
         lines += ["![validation curves](curves.png)", ""]
+    if has_loop:
+        lines += ["![NDCG@10 per stage](stage_ndcg.png)", ""] + _loop_lines(doc)
+    if has_rewards:
+        lines += ["![chosen vs rejected rewards](rewards.png)", ""]
+    if has_dpo_curves:
+        lines += ["![DPO and SFT training curves](dpo_curves.png)", ""]
     lines += ["## Stage times", "", "![stage times](stages.png)", ""]
     lines += [f"- {name}: {secs:.1f} s" for name, secs in doc.get("stage_seconds", {}).items()]
     if examples:

@@ -1,0 +1,160 @@
+"""training.loop end to end on tiny data: the tiny random LLM through the real vLLM engine (with LoRA),
+one DPO round with 2 samples per user and a few DPO steps, then the re-rank job (zero-shot, SFT, SFT+DPO).
+Asserts the run directory carries the new rows, comparisons, adapters and plots; nothing about quality
+(a random 2-layer LLM) and nothing about wall-clock time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_pipeline import write_tiny_dataset  # same directory
+
+from retrieval.rundir import verify
+from training.config import from_dict, load_config
+from training.loop import BASE_ROW, RERANK_ROWS, aligned_row, sample_users
+from training.pipeline import run_pipeline
+
+# lr and beta far above the paper's so that a handful of steps on a random tiny model moves something.
+TRAIN = {"learning_rate": 1e-3, "batch_size": 4, "grad_accum": 1, "warmup": 0, "lr_scheduler": "constant",
+         "max_length": 512, "max_prompt_length": 480, "lora_r": 8, "lora_alpha": 16}
+
+
+def tiny_loop_config(data: Path, cache: Path, llm_dir: Path) -> dict[str, Any]:
+    return {
+        "data": {"name": str(data), "data_dir": str(cache)},
+        # engine_adapters=lora: one engine scores zero-shot, SFT and SFT+DPO (merged weights would start
+        # three); the merged path is checked by test_merged_policy_is_a_float32_model_folder.
+        "llm": {"model": str(llm_dir), "max_tokens": 16, "max_model_len": 1024, "history_items": 8,
+                "engine_adapters": "lora"},
+        # trained long enough that the preference vector moves ranks: else every sample ties, no pairs
+        "retriever": {"epochs": 50, "patience": 50, "hidden": 32, "max_len": 12, "adaptor_hidden": 16},
+        "eval": {"bootstrap": 50},
+        "preference_dpo": {"rounds": 1, "samples_per_user": 2, "temperature": 1.0, "max_tokens": 16,
+                           "reward_k": 80,  # NDCG over all 80 items: fewer ties than @10
+                           "train": {**TRAIN, "max_steps": 3, "beta": 0.1}},
+        "rerank": {"enabled": True, "k": 5, "train_users": 8, "recent_items": 3, "preference_chars": 200,
+                   "sft": {**TRAIN, "max_steps": 2}, "dpo": {**TRAIN, "max_steps": 2}},
+    }
+
+
+@pytest.mark.engine
+def test_dpo_loop_and_rerank_job_tiny_run(tmp_path: Path, tiny_llm_dir: Path) -> None:
+    data = write_tiny_dataset(tmp_path / "tiny")
+    cfg = from_dict(tiny_loop_config(data, tmp_path / "cache", tiny_llm_dir))
+    out = tmp_path / "run"
+    doc = run_pipeline(cfg, out)
+
+    required = ("llm.json", "metrics.json", "report.md", "stage_ndcg.png", "rewards.png", "dpo_curves.png",
+                "adapters/preference/adapter_config.json", "adapters/preference/adapter_model.safetensors",
+                "adapters/rerank/adapter_config.json", "adapters/rerank/adapter_model.safetensors",
+                "dpo/preference_round1_pairs.jsonl")
+    verify(out, required=required)
+    systems = [r["system"] for r in doc["rows"]]
+    assert systems == ["most-popular", "SASRec", BASE_ROW, aligned_row(1), *RERANK_ROWS]
+    for row in doc["rows"]:  # every row on the same 40 users' test items
+        assert row["users"] == 40 and 0.0 <= row["NDCG@10"] <= row["Recall@10"] <= 1.0
+    pairs = {(c["a"], c["b"]) for c in doc["comparisons"]}
+    assert (aligned_row(1), BASE_ROW) in pairs
+    assert {(name, aligned_row(1)) for name in RERANK_ROWS} <= pairs  # re-ranked vs the served retriever's order
+    for c in doc["comparisons"]:
+        assert c["ci_low"] <= c["diff"] <= c["ci_high"] and c["n"] == 40
+
+    # the loop: pairs with chosen above rejected, the DPO curves, the reward check
+    (round1,) = doc["dpo_loop"]["rounds"]
+    assert round1["pairs"]["kept"] >= 1 and round1["pairs"]["users"] == 40
+    dist = doc["reward_distributions"]["round 1"]
+    assert all(c > r for c, r in zip(dist["chosen"], dist["rejected"], strict=True))
+    assert len(dist["samples"]) == 40 * 2
+    assert set(doc["dpo_curves"]) == {"preference round 1", "rerank SFT", "rerank SFT+DPO"}
+    assert doc["dpo_curves"]["preference round 1"]["step"] == [1.0, 2.0, 3.0]
+    assert "after" in round1["reward_check"]["all_users"]
+    assert doc["served_retriever"] == aligned_row(1)
+
+    # the re-rank job: only users whose test item is among the K are scored; the rest keep the retriever rank
+    rerank = doc["rerank"]
+    assert rerank["k"] == 5 and rerank["train_users"] == 8 and 0 <= rerank["scored_users"] <= 40
+    served = next(r for r in doc["rows"] if r["system"] == aligned_row(1))
+    for name in RERANK_ROWS:
+        row = next(r for r in doc["rows"] if r["system"] == name)
+        assert row["Recall@5"] == pytest.approx(served["Recall@5"])  # re-ordering the top 5 keeps its hits
+        assert row["Recall@20"] == pytest.approx(served["Recall@20"])
+
+    # the served artifacts: aligned preferences and both adapters, named in llm.json
+    llm = json.loads((out / "llm.json").read_text())
+    assert llm["adapters"] == {"preference": "adapters/preference", "rerank": "adapters/rerank"}
+    assert llm["rerank_k"] == 5 and llm["prompt"]["max_recent"] == 3 and llm["prompt"]["max_history"] == 8
+    adapter = json.loads((out / "adapters/rerank/adapter_config.json").read_text())
+    assert adapter["r"] == 8
+    report = (out / "report.md").read_text()
+    for name in (aligned_row(1), *RERANK_ROWS):
+        assert f"| {name} |" in report
+    assert "## Preference DPO loop" in report and "## Re-rank job" in report
+
+
+def test_named_configs_load() -> None:
+    for name in ("default", "tiny"):  # the loop is off unless a config turns it on
+        cfg = load_config(name)
+        assert cfg.preference_dpo.rounds == 0 and not cfg.rerank.enabled
+    small = load_config("small")
+    assert small.preference_dpo.rounds >= 1 and small.rerank.enabled
+    assert small.preference_dpo.max_users is not None and small.preference_dpo.max_users < 943
+    paper = load_config("paper")
+    p = paper.preference_dpo
+    assert (p.rounds, p.samples_per_user, p.train.beta, p.max_users) == (2, 10, 0.01, None)
+    assert paper.max_users is None and paper.rerank.enabled and paper.rerank.k == 20
+    # nested trainer sections merge into the section's defaults, and overrides reach them
+    assert paper.rerank.dpo.beta == 0.1 and paper.rerank.dpo.max_prompt_length == 1000
+    cfg = load_config("small", ["preference_dpo.train.beta=0.05", "rerank.k=8"])
+    assert cfg.preference_dpo.train.beta == 0.05 and cfg.rerank.k == 8
+
+
+def test_config_errors_say_what_to_fix() -> None:
+    with pytest.raises(ValueError, match="samples_per_user"):
+        from_dict({"preference_dpo": {"samples_per_user": 1}})
+    with pytest.raises(ValueError, match=r"preference_dpo\.train: unknown setting"):
+        from_dict({"preference_dpo": {"train": {"betta": 0.1}}})
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        from_dict({"preference_dpo": {"train": {"beta": 0}}})
+    with pytest.raises(ValueError, match=r"rerank\.k"):
+        from_dict({"rerank": {"k": 100}})
+
+
+def test_merged_policy_is_a_float32_model_folder(tmp_path: Path, tiny_llm_dir: Path) -> None:
+    """llm.engine_adapters=merged (the CPU default): the engine gets base + adapter merged in float32."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from training.dpo import ADAPTER_DIR
+    from training.loop import LoopInputs, policy
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.float32)
+    lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    adapter = tmp_path / "rerank_sft" / ADAPTER_DIR
+    lora.save_pretrained(str(adapter))
+    expected = lora.merge_and_unload().state_dict()
+    cfg = from_dict({"llm": {"model": str(tiny_llm_dir)}})
+    inp = LoopInputs(cfg=cfg, catalog=None, split=None, users=[], model_dir=tiny_llm_dir, encoder=None,  # type: ignore[arg-type]
+                     texts={}, vectors=None, retriever=None, ranks=None)  # type: ignore[arg-type]
+    assert policy(inp, None, tmp_path) == {"model": str(tiny_llm_dir), "lora": None}
+    got = policy(inp, adapter, tmp_path)
+    assert got["lora"] is None and got["model"] != str(tiny_llm_dir)
+    merged = AutoModelForCausalLM.from_pretrained(got["model"])
+    assert merged.dtype == torch.float32  # a bf16 merge would round a small LoRA update away
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(merged.state_dict()[name], expected[name])
+    assert policy(inp, adapter, tmp_path) == got  # merged once, reused
+    lora_cfg = from_dict({"llm": {"model": str(tiny_llm_dir), "engine_adapters": "lora"}})
+    assert policy(LoopInputs(**{**vars(inp), "cfg": lora_cfg}), adapter, tmp_path) == {
+        "model": str(tiny_llm_dir), "lora": str(adapter)}
+
+
+def test_sample_users_is_seeded_and_keeps_order() -> None:
+    users = [f"u{i}" for i in range(50)]
+    picked = sample_users(users, 10, seed=3)
+    assert len(picked) == 10 and picked == sorted(picked, key=users.index)
+    assert picked == sample_users(users, 10, seed=3) and picked != sample_users(users, 10, seed=4)
+    assert sample_users(users, None, 0) == users and sample_users(users, 80, 0) == users
