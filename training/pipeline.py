@@ -10,8 +10,8 @@ the run directory is staged in a temp folder and renamed into place only when co
 from __future__ import annotations
 
 import json
-import multiprocessing
 import logging
+import multiprocessing
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -190,7 +190,8 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
         prefs = {u: vectors[i] for i, u in enumerate(users)}
     with timer("sasrec_pref"):
         augmented, aug_curve = _train_sasrec(cfg, catalog, split, users, prefs, vectors.shape[1])
-        ranks["SASRec + base-LLM preferences"] = ranks_on_test(score_users(augmented, test_seqs, prefs, users), split, users)
+        aug_scores = score_users(augmented, test_seqs, prefs, users)
+        ranks["SASRec + base-LLM preferences"] = ranks_on_test(aug_scores, split, users)
     loop = None  # the DPO loop and the re-rank job (training/loop.py), only when the config enables them
     if cfg.preference_dpo.rounds or cfg.rerank.enabled:
         loop = _run_loop(cfg, catalog, split, users, encoder, texts, vectors, augmented,
