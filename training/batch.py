@@ -1,0 +1,458 @@
+"""Batch jobs (SPEC section 8): ``preferences`` (refresh users' preference texts + vectors) and
+``rerank`` (JSONL requests in, JSONL responses out), on the service's own pipeline.
+
+Both jobs run the objects ``/rerank`` runs (``service.main.open_service``: the run directory, the
+vLLM ``AsyncLLM``, the text encoder, the Redis cache), so a batch answer is the answer the service
+would give. Work goes in chunks: a chunk's requests are in flight together, so the engine batches
+them, and each finished chunk is appended to a checkpoint file (``.partial``) and fsynced.
+
+Resumable and idempotent: the checkpoint holds complete lines in input order, so a job killed at any
+point restarts after its last complete line (a torn last line is cut off); every input appears in the
+output exactly once. The job's inputs are fingerprinted next to the checkpoint, so a restart with
+different inputs is refused rather than mixed in. The final file appears by one rename.
+
+Scale-out: ``ray=True`` runs the same chunk function inside Ray Data actors (``map_batches`` over an
+actor pool, each actor owning one engine), with the driver writing the ordered stream to the same
+checkpoint. Nothing else changes; on a cluster, ``ray.init(address=...)`` is the only difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from retrieval.rundir import RunDirError, atomic_write_text, read_manifest, sha256
+
+log = logging.getLogger(__name__)
+
+PREFERENCES_CHECKPOINT = ".preferences-refresh"  # inside the run directory
+BATCH_DEADLINE_MS = 600_000  # a batch waits for the LLM instead of degrading to retriever order
+
+
+# ---- the checkpoint file ----------------------------------------------------------------------------
+
+
+class Checkpoint:
+    """Append-only JSONL of finished lines beside ``final``, plus the fingerprint of the job's inputs."""
+
+    def __init__(self, final: Path, fingerprint: str):
+        self.final = Path(final)
+        self.path = self.final.with_name(self.final.name + ".partial")
+        self.meta = self.final.with_name(self.final.name + ".partial.json")
+        self.fingerprint = fingerprint
+
+    def open(self) -> int:
+        """Lines already done (0 for a new job); refuses a checkpoint of different inputs."""
+        if self.meta.exists():
+            found = json.loads(self.meta.read_text(encoding="utf-8")).get("fingerprint")
+            if found != self.fingerprint:
+                raise RunDirError(
+                    f"{self.path} holds a job with other inputs (fingerprint {found}, this job {self.fingerprint}): "
+                    "rerun with the same inputs to resume it, or delete both .partial files to start over"
+                )
+        else:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.path.unlink(missing_ok=True)
+            atomic_write_text(self.meta, json.dumps({"fingerprint": self.fingerprint}))
+        if not self.path.exists():
+            self.path.touch()
+            return 0
+        return _truncate_torn_line(self.path)
+
+    def append(self, lines: Iterable[str]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def lines(self) -> Iterator[str]:
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                yield line.rstrip("\n")
+
+    def finish(self) -> None:
+        """The checkpoint becomes ``final`` (one rename); the fingerprint goes."""
+        os.replace(self.path, self.final)
+        self.meta.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.meta.unlink(missing_ok=True)
+
+
+def _truncate_torn_line(path: Path) -> int:
+    """Cut a partly written last line (a kill mid-write); return the number of complete lines."""
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        log.warning("%s: dropping a torn last line (%d bytes); it is redone", path, len(data) - end)
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return data[:end].count(b"\n")
+
+
+def fingerprint(items: Iterable[str], **params: Any) -> str:
+    h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    for item in items:
+        h.update(item.encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+# ---- the work of one chunk (shared by the local and the Ray path) ----------------------------------
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a worker needs to build its service stack: the run and the ``DPO4REC_*`` overrides."""
+
+    kind: str  # "preferences" | "rerank"
+    run_dir: str
+    settings: dict[str, Any]
+
+
+def service_settings(run_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """Settings overrides for a batch worker: no cache warm-up, LLM deadlines that do not degrade."""
+    return {"run_dir": str(run_dir), "warm_cache": False, "deadline_ms": BATCH_DEADLINE_MS, **overrides}
+
+
+@asynccontextmanager
+async def worker_state(spec: JobSpec) -> AsyncIterator[Any]:
+    from service.main import open_service
+    from service.metrics import ServiceMetrics
+    from service.settings import Settings
+
+    settings = Settings(**{**spec.settings, "run_dir": spec.run_dir})
+    async with open_service(settings, ServiceMetrics()) as state:
+        yield state
+
+
+async def preference_lines(state: Any, payloads: list[str]) -> list[str]:
+    """``{"user_id", "history"}`` lines -> ``{"user_id", "text", "vector", "redis"}`` lines."""
+    from service.cache import CacheUnavailable, Preference
+    from training.preferences import history_items
+
+    rows = [json.loads(p) for p in payloads]
+    catalog = state.artifacts.catalog
+    histories = [history_items(catalog, catalog.indices_of(row["history"])) for row in rows]
+    texts = await asyncio.gather(
+        *(state.llm.preference(h, f"batch-pref-{r['user_id']}") for r, h in zip(rows, histories, strict=True))
+    )
+    vectors = await asyncio.to_thread(state.preferences.encoder.encode, list(texts))
+    stored = False
+    if state.redis_server is None:  # an external Redis: the service's cache; the embedded one dies with us
+        try:
+            await state.cache.set_many(
+                (row["user_id"], Preference(text, vec)) for row, text, vec in zip(rows, texts, vectors, strict=True)
+            )
+            stored = True
+        except CacheUnavailable as e:
+            log.warning("redis write of %d preferences failed (%s); the run directory still gets them", len(rows), e)
+    return [
+        json.dumps(
+            {"user_id": row["user_id"], "text": text, "vector": [round(float(x), 7) for x in vec], "redis": stored},
+            ensure_ascii=False,
+        )
+        for row, text, vec in zip(rows, texts, vectors, strict=True)
+    ]
+
+
+async def rerank_lines(state: Any, payloads: list[str]) -> list[str]:
+    """``{"line", "request"}`` payloads -> ``{"line", "response"}`` or ``{"line", "error"}`` lines."""
+    return list(await asyncio.gather(*(_rerank_one(state, p) for p in payloads)))
+
+
+async def _rerank_one(state: Any, payload: str) -> str:
+    from pydantic import ValidationError
+
+    from service.errors import ServiceError, validation_message
+    from service.protocol import RerankRequest
+
+    row = json.loads(payload)
+    line = row["line"]
+    try:
+        request = RerankRequest.model_validate_json(row["request"])
+        request_id = f"batch-{line}"
+        response = await state.pipeline.rerank(request, request_id)
+        out: dict[str, Any] = {"line": line, "response": response.model_dump(mode="json", exclude_none=True)}
+    except ValidationError as e:
+        out = {
+            "line": line,
+            "error": {"code": 422, "type": "invalid_request", "message": validation_message(e.errors())},
+        }
+    except ServiceError as e:
+        out = {"line": line, "error": {"code": e.status_code, "type": e.error_type, "message": e.message}}
+    return json.dumps(out, ensure_ascii=False)
+
+
+CHUNK_FUNCTIONS: dict[str, Callable[[Any, list[str]], Any]] = {
+    "preferences": preference_lines,
+    "rerank": rerank_lines,
+}
+
+
+class ChunkWorker:
+    """A synchronous face on a worker's service stack: one event loop thread, ``__call__`` per chunk.
+
+    Ray Data instantiates one per actor (``map_batches(ChunkWorker, ...)``); batches are pandas frames
+    with a ``payload`` column and come back with a ``line`` column.
+    """
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="batch-worker", daemon=True)
+        self.thread.start()
+        self._stack = worker_state(spec)
+        self.state = self._run(self._stack.__aenter__())
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def lines(self, payloads: list[str]) -> list[str]:
+        return self._run(CHUNK_FUNCTIONS[self.spec.kind](self.state, payloads))
+
+    def __call__(self, batch: Any) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame({"line": self.lines([str(p) for p in batch["payload"]])})
+
+    def close(self) -> None:
+        try:
+            self._run(self._stack.__aexit__(None, None, None))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=30)
+
+    def __del__(self) -> None:  # Ray tears actors down without a close call
+        if getattr(self, "thread", None) is not None and self.thread.is_alive():
+            try:
+                self.close()
+            except Exception:  # best effort at interpreter/actor exit
+                pass
+
+
+# ---- driving a job ----------------------------------------------------------------------------------
+
+
+@dataclass
+class JobResult:
+    total: int  # inputs of the job
+    resumed_from: int  # lines already done when this invocation started
+    output: Path
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _run_chunks(
+    spec: JobSpec, checkpoint: Checkpoint, payloads: list[str], chunk_size: int, use_ray: bool, ray_actors: int
+) -> JobResult:
+    done = checkpoint.open()
+    pending = payloads[done:]
+    bar = tqdm(total=len(payloads), initial=done, desc=spec.kind, unit="line")
+    if done:
+        log.info("%s: resuming after %d of %d lines", spec.kind, done, len(payloads))
+    try:
+        for lines in (_ray_stream if use_ray else _local_stream)(spec, pending, chunk_size, ray_actors):
+            checkpoint.append(lines)
+            bar.update(len(lines))
+    finally:
+        bar.close()
+    return JobResult(total=len(payloads), resumed_from=done, output=checkpoint.final)
+
+
+def _local_stream(spec: JobSpec, pending: list[str], chunk_size: int, _: int) -> Iterator[list[str]]:
+    if not pending:
+        return
+    worker = ChunkWorker(spec)
+    try:
+        for chunk in _chunks(pending, chunk_size):
+            yield worker.lines(chunk)
+    finally:
+        worker.close()
+
+
+def _ray_stream(spec: JobSpec, pending: list[str], chunk_size: int, actors: int) -> Iterator[list[str]]:
+    """The same chunks through Ray Data: ``map_batches`` over ``actors`` engine-owning actors, in order."""
+    if not pending:
+        return
+    try:
+        import ray
+    except ImportError as e:
+        raise RuntimeError("the Ray path needs the ray extra: pip install -e '.[ray]'") from e
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the checkpoint is in input order
+    ds = ray.data.from_items([{"payload": p} for p in pending]).map_batches(
+        ChunkWorker,
+        fn_constructor_kwargs={"spec": spec},
+        batch_size=chunk_size,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=float(os.environ.get("DPO4REC_RAY_ACTOR_CPUS", "1")),
+    )
+    for batch in ds.iter_batches(batch_size=chunk_size, batch_format="pandas"):
+        yield [str(x) for x in batch["line"]]
+
+
+# ---- the rerank job ---------------------------------------------------------------------------------
+
+
+def rerank_job(
+    run_dir: Path,
+    requests: Path,
+    out: Path,
+    *,
+    chunk_size: int = 32,
+    use_ray: bool = False,
+    ray_actors: int = 1,
+    settings: dict[str, Any] | None = None,
+) -> JobResult:
+    """Answer every line of ``requests`` (JSONL of ``/rerank`` bodies) into ``out`` (JSONL, same order).
+
+    A line that is not a valid request gets an ``error`` line (what ``/rerank`` would answer with a 4xx);
+    blank lines are skipped (and counted). Output lines: ``{"line": n, "response": {...}}`` or
+    ``{"line": n, "error": {"code", "type", "message"}}`` with ``n`` the 1-based input line.
+    """
+    out = Path(out)
+    if out.exists():
+        log.info("%s exists: the job is complete (delete it to run again)", out)
+        return JobResult(total=sum(1 for _ in open(out, encoding="utf-8")), resumed_from=-1, output=out)
+    payloads, blank = [], 0
+    with open(requests, encoding="utf-8") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                blank += 1
+                continue
+            payloads.append(json.dumps({"line": n, "request": raw.strip()}))
+    if blank:
+        log.info("%s: %d blank lines skipped", requests, blank)
+    manifest = read_manifest(Path(run_dir))
+    spec = JobSpec("rerank", str(run_dir), service_settings(run_dir, **(settings or {})))
+    checkpoint = Checkpoint(out, fingerprint(payloads, run=manifest.get("version"), job="rerank"))
+    result = _run_chunks(spec, checkpoint, payloads, chunk_size, use_ray, ray_actors)
+    checkpoint.finish()
+    return result
+
+
+# ---- the preferences job ----------------------------------------------------------------------------
+
+
+def _histories(run_dir: Path, histories: Path | None) -> dict[str, list[str]]:
+    """User -> item ids (time order): the run's ``users.json``, overridden/extended by a JSONL file."""
+    from retrieval.catalog import Catalog
+
+    catalog = Catalog.load(run_dir / "catalog.jsonl")
+    stored = json.loads((run_dir / "users.json").read_text(encoding="utf-8"))
+    out = {str(u): [catalog[int(i)].item_id for i in items] for u, items in stored.items()}
+    if histories is not None:
+        with open(histories, encoding="utf-8") as f:
+            for n, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw)
+                    user, items = str(row["user_id"]), [str(i) for i in row["history"]]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise RunDirError(f'{histories}:{n}: expected {{"user_id", "history": [item ids]}}: {e}') from None
+                unknown = [i for i in items if i not in catalog]
+                if unknown or not items:
+                    raise RunDirError(f"{histories}:{n}: user {user}: unknown item ids {unknown[:5]} or empty history")
+                out[user] = items
+    return out
+
+
+def preferences_job(
+    run_dir: Path,
+    *,
+    users: list[str] | None = None,
+    histories: Path | None = None,
+    chunk_size: int = 32,
+    use_ray: bool = False,
+    ray_actors: int = 1,
+    settings: dict[str, Any] | None = None,
+) -> JobResult:
+    """Regenerate the preference text + vector of ``users`` (default: every user of the run).
+
+    Each chunk goes to Redis (with an external ``DPO4REC_REDIS_URL``: the serving cache, same keys and
+    TTL as the service) as it finishes; at the end the run directory's ``preferences.jsonl`` and
+    ``preference_vectors.npy`` are rewritten with the new rows (other users keep theirs) and the
+    manifest's checksums updated. A killed job resumes from its checkpoint in the run directory.
+    """
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    all_histories = _histories(run_dir, histories)
+    selected = list(dict.fromkeys(users)) if users else list(all_histories)
+    missing = [u for u in selected if u not in all_histories]
+    if missing:
+        raise RunDirError(f"unknown users {missing[:5]}: not in {run_dir / 'users.json'} nor in --histories")
+    payloads = [json.dumps({"user_id": u, "history": all_histories[u]}) for u in selected]
+    spec = JobSpec("preferences", str(run_dir), service_settings(run_dir, **(settings or {})))
+    checkpoint = Checkpoint(
+        run_dir / PREFERENCES_CHECKPOINT, fingerprint(payloads, run=manifest.get("version"), job="preferences")
+    )
+    result = _run_chunks(spec, checkpoint, payloads, chunk_size, use_ray, ray_actors)
+    _merge_preferences(run_dir, checkpoint.lines())
+    checkpoint.discard()
+    return JobResult(total=result.total, resumed_from=result.resumed_from, output=run_dir / "preferences.jsonl")
+
+
+def _merge_preferences(run_dir: Path, lines: Iterable[str]) -> None:
+    """New rows over the run's preferences; files replaced by rename, then the manifest re-checksummed.
+
+    Idempotent: if a kill lands between the renames, running the job again redoes the same merge.
+    """
+    from training.preferences import load_preferences
+
+    texts, vectors = load_preferences(run_dir)
+    rows = {u: i for i, u in enumerate(texts)}
+    new_vectors: list[np.ndarray] = []
+    appended: list[str] = []
+    for line in lines:
+        row = json.loads(line)
+        user, vec = row["user_id"], np.asarray(row["vector"], dtype=np.float32)
+        if vec.shape != (vectors.shape[1],):
+            raise RunDirError(f"refreshed vector of {user} is {vec.shape}, the run's are ({vectors.shape[1]},)")
+        if user in rows:
+            vectors[rows[user]] = vec
+        else:
+            rows[user] = len(texts)
+            appended.append(user)
+            new_vectors.append(vec)
+        texts[user] = row["text"]
+    if new_vectors:
+        vectors = np.concatenate([vectors, np.stack(new_vectors)])
+    _write_preferences(run_dir, texts, vectors)
+    log.info("run %s: %d preferences (%d new users)", run_dir, len(texts), len(appended))
+
+
+def _write_preferences(run_dir: Path, texts: dict[str, str], vectors: np.ndarray) -> None:
+    body = "".join(json.dumps({"user_id": u, "text": t}, ensure_ascii=False) + "\n" for u, t in texts.items())
+    atomic_write_text(run_dir / "preferences.jsonl", body)
+    tmp = run_dir / ".preference_vectors.tmp.npy"
+    np.save(tmp, vectors.astype(np.float32))
+    os.replace(tmp, run_dir / "preference_vectors.npy")
+    manifest = read_manifest(run_dir)
+    for name in ("preferences.jsonl", "preference_vectors.npy"):
+        manifest["files"][name] = sha256(run_dir / name)
+    manifest["preferences_refreshed"] = True  # from full histories: not for offline evaluation
+    atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
