@@ -62,6 +62,7 @@ class Sample:
     preference: str | None = None
     results: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    history: list[str] | None = None  # the request's history (item ids), when it sent one
 
     @property
     def ok(self) -> bool:
@@ -119,12 +120,16 @@ async def post_rerank(client: Any, payload: dict[str, Any], timeout_s: float, t0
     try:
         r = await client.post("/rerank", json=payload, timeout=timeout_s)
     except httpx.HTTPError as e:
-        return Sample(payload["user_id"], -1, (time.perf_counter() - begin) * 1000, begin - t0, error=repr(e))
+        elapsed = (time.perf_counter() - begin) * 1000
+        return Sample(payload["user_id"], -1, elapsed, begin - t0, error=repr(e), history=payload.get("history"))
     latency = (time.perf_counter() - begin) * 1000
     if r.status_code != 200:
-        return Sample(payload["user_id"], r.status_code, latency, begin - t0, error=r.text[:300])
+        return Sample(
+            payload["user_id"], r.status_code, latency, begin - t0, error=r.text[:300], history=payload.get("history")
+        )
     body = r.json()
     return Sample(
+        history=payload.get("history"),
         user_id=payload["user_id"],
         status=200,
         latency_ms=latency,
@@ -170,11 +175,13 @@ async def run_level(
             samples[i] = await post_rerank(client, payload, request_timeout_s, t0)
 
     stop = asyncio.Event()
-    watcher = asyncio.create_task(watch_engine_queue(client, stop))
+    # the engine queue is scraped only under concurrency: at 1 it is 0 or 1, and the scrapes would add
+    # their own (small) work to the level whose latency is compared with the bare engine
+    watcher = asyncio.create_task(watch_engine_queue(client, stop)) if concurrency > 1 else None
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
     stop.set()
-    queue = await watcher
+    queue = await watcher if watcher is not None else []
     done = [s for s in samples if s is not None]
     ok = [s for s in done if s.ok]
     degraded: dict[str, int] = {}
@@ -185,6 +192,7 @@ async def run_level(
         "concurrency": concurrency,
         "requested": len(payloads),
         "sent": len(done),
+        "with_history": sum(1 for p in payloads if p.get("history")),  # earlier-time replays of a known user
         "ok": len(ok),
         "errors": len(done) - len(ok),
         "wall_s": wall,
@@ -193,7 +201,7 @@ async def run_level(
         "stages_ms": stage_means(ok),
         "degraded": degraded,
         "sources": {src: sum(1 for s in ok if s.source == src) for src in {s.source for s in ok}},
-        "engine_queue": {"max": max(queue, default=0.0), "mean": statistics.fmean(queue) if queue else 0.0},
+        "engine_queue": {"max": max(queue, default=None), "mean": statistics.fmean(queue) if queue else None},
         "error_examples": [s.error for s in done if not s.ok][:3],
     }
     return {"summary": summary, "samples": done}
@@ -244,7 +252,10 @@ class PromptBuilder:
         if len(head) < 2 or [r["index"] for r in head] != list(range(len(head))):
             return None  # top_n did not cover the re-ranked head
         cfg = self.spec.prompt
-        history = self.users[sample.user_id]
+        if sample.history:  # the service reads the request's history, as item ids
+            history = [self.catalog.index_of(i) for i in sample.history]
+        else:
+            history = self.users[sample.user_id]
         recent = [self._item(i) for i in history[-cfg.max_recent :]] if cfg.max_recent else []
         candidates = [self._item(self.catalog.index_of(r["item_id"])) for r in head]
         labels = self.labels[: len(head)]
@@ -353,38 +364,77 @@ def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def known_users(run: Path) -> list[str]:
-    """Users with a served history long enough for the re-rank prompt, in a fixed shuffled order."""
-    import random
+class UserStream:
+    """Known users for the load levels, each a distinct re-rank prompt.
 
-    users = json.loads((run / "users.json").read_text())
-    prefs = {
-        json.loads(line)["user_id"] for line in (run / "preferences.jsonl").read_text().splitlines() if line.strip()
-    }
-    eligible = sorted((u for u, h in users.items() if len(h) >= 2 and u in prefs), key=str)
-    random.Random(0).shuffle(eligible)
-    return eligible
+    First every user once as themself (no ``history`` in the request: the service reads ``users.json``).
+    When a run has fewer users than requests, users come round again as "the same user at an earlier
+    time": the request carries their stored history without its newest 1, 2, ... items, so retrieval,
+    candidates and prompt differ while the preference (cached in Redis) is the same. Those requests share
+    the system prompt and the preference text with the user's earlier prompt in the engine's prefix cache.
+    """
+
+    def __init__(self, run: Path, min_history: int = 3):
+        import random
+
+        from retrieval.catalog import Catalog
+
+        self.catalog = Catalog.load(run / "catalog.jsonl")
+        self.histories: dict[str, list[int]] = json.loads((run / "users.json").read_text())
+        prefs = {
+            json.loads(line)["user_id"] for line in (run / "preferences.jsonl").read_text().splitlines() if line.strip()
+        }
+        users = sorted((u for u, h in self.histories.items() if len(h) >= 2 and u in prefs), key=str)
+        random.Random(0).shuffle(users)
+        if not users:
+            raise SystemExit(f"{run}: no user with a stored preference and history")
+        self.users = users
+        self.min_history = min_history
+        self._gen = self._generate()
+
+    def _ids(self, indices: list[int]) -> list[str]:
+        return [self.catalog[int(i)].item_id for i in indices]
+
+    def _generate(self) -> Any:
+        for user in self.users:
+            yield user, None
+        cut = 1
+        while True:
+            fitting = [u for u in self.users if len(self.histories[u]) - cut >= self.min_history]
+            if not fitting:
+                raise SystemExit("the run's users ran out of history for distinct requests: ask for fewer requests")
+            for user in fitting:
+                yield user, self._ids(self.histories[user][:-cut])
+            cut += 1
+
+    def next(self) -> tuple[str, list[str] | None]:
+        return next(self._gen)  # type: ignore[no-any-return]
+
+    def new_user_history(self, i: int) -> list[str]:
+        """A history for the i-th new (cache-miss) user: a long stored history cut by 20 + i (unused above)."""
+        longest = sorted(self.users, key=lambda u: -len(self.histories[u]))
+        user = longest[i % len(longest)]
+        history = self.histories[user]
+        cut = 20 + i
+        return self._ids(history[:-cut] if len(history) - cut >= self.min_history else history[::-1])
 
 
 async def service_phase(args: argparse.Namespace, run: Path, k: int, report: dict[str, Any]) -> dict[str, Any]:
     import httpx
 
-    from retrieval.catalog import Catalog
+    stream = UserStream(run)
+    out: dict[str, Any] = {"levels": [], "samples": {}, "distinct_users": len(stream.users)}
+    print(f"[users] {len(stream.users)} known users with a stored preference", flush=True)
 
-    users = known_users(run)
-    need = args.warmup + sum(args.requests) + 2 * (args.miss_users + 1)
-    if len(users) < need:
-        raise SystemExit(f"{run} has {len(users)} users with preferences; this benchmark needs {need} distinct ones")
-    pool = iter(users)
-    catalog = Catalog.load(run / "catalog.jsonl")
-    histories = json.loads((run / "users.json").read_text())
-
-    def payload(user: str, **extra: Any) -> dict[str, Any]:
+    def payload(user: str, history: list[str] | None = None) -> dict[str, Any]:
         # top_n = K: the response then holds exactly the re-ranked head, so the prompt can be rebuilt
-        return {"user_id": user, "top_n": k, "explain": True, "deadline_ms": args.deadline_ms, **extra}
+        body = {"user_id": user, "top_n": k, "explain": True, "deadline_ms": args.deadline_ms}
+        return body | ({"history": history} if history else {})
+
+    def next_payload() -> dict[str, Any]:
+        return payload(*stream.next())
 
     server = Server(run, args.port or free_port(), args.out.with_suffix(".server.log"))
-    out: dict[str, Any] = {"levels": [], "samples": {}}
     limits = httpx.Limits(
         max_connections=max(args.concurrency) + 4, max_keepalive_connections=max(args.concurrency) + 4
     )
@@ -397,7 +447,7 @@ async def service_phase(args: argparse.Namespace, run: Path, k: int, report: dic
 
             warm = await run_level(
                 client,
-                [payload(next(pool)) for _ in range(args.warmup)],
+                [next_payload() for _ in range(args.warmup)],
                 1,
                 args.level_timeout_s,
                 args.request_timeout_s,
@@ -406,13 +456,13 @@ async def service_phase(args: argparse.Namespace, run: Path, k: int, report: dic
             out["samples"]["warmup"] = warm["samples"]
 
             for concurrency, n in zip(args.concurrency, args.requests, strict=True):
-                payloads = [payload(next(pool)) for _ in range(n)]
+                payloads = [next_payload() for _ in range(n)]
                 print(f"[level] concurrency {concurrency}: {n} requests ...", flush=True)
                 level = await run_level(client, payloads, concurrency, args.level_timeout_s, args.request_timeout_s)
                 s = level["summary"]
                 print(
                     f"[level] concurrency {concurrency}: {s['ok']}/{s['sent']} ok, p50 {s['latency_ms']['p50']:.0f} ms,"
-                    f" {s['throughput_rps']:.3f} req/s, engine queue max {s['engine_queue']['max']:.0f}",
+                    f" {s['throughput_rps']:.3f} req/s, engine queue max {s['engine_queue']['max']}",
                     flush=True,
                 )
                 out["levels"].append(s)
@@ -424,8 +474,7 @@ async def service_phase(args: argparse.Namespace, run: Path, k: int, report: dic
             hits: list[Sample] = []
             t0 = time.perf_counter()
             for i in range(args.miss_users + 1):  # the first pair warms the generation path, not counted
-                source_user = next(pool)
-                history = [catalog[int(j)].item_id for j in histories[source_user]]
+                history = stream.new_user_history(i)
                 new_user = f"bench-new-{uuid.uuid4().hex[:10]}"
                 miss = await post_rerank(client, payload(new_user, history=history), args.request_timeout_s, t0)
                 hit = await post_rerank(client, payload(new_user, history=history), args.request_timeout_s, t0)
@@ -578,12 +627,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             ],
         }
     # prefill throughput in prompt tokens per second, service levels vs bare engine
-    tokens = {j.user_id: j.prompt_tokens for j in single_jobs + batch_jobs}
     for level in report["service"]["levels"]:
         lvl_samples = [s for s in samples[f"c{level['concurrency']}"] if s.ok]
-        counted = [tokens[s.user_id] for s in lvl_samples if s.user_id in tokens]
+        counted = [j.prompt_tokens for s in lvl_samples if (j := builder.job(s)) is not None]
         if counted and len(counted) == len(lvl_samples):
+            level["prompt_tokens"] = sum(counted)
             level["prompt_tokens_per_s"] = sum(counted) / level["wall_s"]
+    for part, jobs in (("single", single_jobs[: len(per_request)]), ("concurrent", batch_jobs)):
+        seconds = sum(per_request) / 1000 if part == "single" else bare["concurrent"]["wall_s"]
+        if jobs and seconds > 0:
+            bare[part]["prompt_tokens_per_s"] = sum(j.prompt_tokens for j in jobs) / seconds
     return report
 
 

@@ -100,7 +100,7 @@ def preferences(
 ) -> None:
     """Regenerate preference texts + vectors with the LLM into Redis (DPO4REC_REDIS_URL) and the run directory."""
     _setup(verbose)
-    from training.batch import preferences_job
+    from dpo4rec.batch import preferences_job
 
     result = preferences_job(
         run, users=users, histories=histories, chunk_size=chunk_size, use_ray=ray, ray_actors=ray_actors
@@ -122,7 +122,7 @@ def rerank(
 ) -> None:
     """Answer a file of /rerank requests through the service's pipeline (resumable)."""
     _setup(verbose)
-    from training.batch import rerank_job
+    from dpo4rec.batch import rerank_job
 
     result = rerank_job(run, requests, out, chunk_size=chunk_size, use_ray=ray, ray_actors=ray_actors)
     errors = sum(1 for line in open(result.output, encoding="utf-8") if '"error"' in line[:40])

@@ -113,7 +113,7 @@ async def _start_cache(
 async def open_service(settings: Settings, metrics: ServiceMetrics) -> AsyncIterator[ServiceState]:
     """Everything ``/rerank`` needs (run, Redis, engine, preferences, pipeline), closed in reverse order.
 
-    Shared by the app's lifespan and the batch jobs (``training.batch``), so both run one pipeline.
+    Shared by the app's lifespan and the batch jobs (``dpo4rec.batch``), so both run one pipeline.
     """
     async with AsyncExitStack() as stack:
         try:

@@ -124,8 +124,15 @@ def build_tiny_llm(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> None:
 def tiny_engine_config(tiny_llm_dir: Path) -> EngineConfig:
     """EngineConfig for the tiny model; ``dataclasses.replace`` it for variants."""
     # LoRA on, so adapters trained in the tests are served by this same engine (multi-LoRA).
-    return EngineConfig(model=str(tiny_llm_dir), max_model_len=1024, max_num_seqs=16, seed=0,
-                        enable_lora=True, max_lora_rank=16, max_loras=2)
+    return EngineConfig(
+        model=str(tiny_llm_dir),
+        max_model_len=1024,
+        max_num_seqs=16,
+        seed=0,
+        enable_lora=True,
+        max_lora_rank=16,
+        max_loras=2,
+    )
 
 
 @pytest.fixture(scope="session")

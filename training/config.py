@@ -43,8 +43,12 @@ class LLMSection:
     seed: int = 0
     # How the DPO loop's vLLM engines apply trained adapters: "merged" (base + adapter merged into a
     # float32 folder) or "lora" (vLLM LoRA requests). vLLM's CPU LoRA path gathers the adapter weights
-    # per token and was several times slower than merged weights here (docs/BENCHMARKS.md); use lora on GPUs.
+    # per token: 10x slower prefill than merged weights here (docs/BENCHMARKS.md); use lora on GPUs.
     engine_adapters: str = "merged"
+    # A run directory whose preference texts to reuse instead of generating them (same users; texts from
+    # the training part of the histories, i.e. written by `dpo4rec train`, not by a preference refresh):
+    # retrain or ablate the retriever without paying the LLM stage again.
+    preferences_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 8:
@@ -193,8 +197,14 @@ def _merge_into(default: Any, values: dict[str, Any], where: str) -> Any:
 
 
 def from_dict(raw: dict[str, Any], where: str = "config") -> PipelineConfig:
-    sections = {"data": DataSection, "llm": LLMSection, "retriever": RetrieverSection, "eval": EvalSection,
-                "preference_dpo": PreferenceDPOSection, "rerank": RerankSection}
+    sections = {
+        "data": DataSection,
+        "llm": LLMSection,
+        "retriever": RetrieverSection,
+        "eval": EvalSection,
+        "preference_dpo": PreferenceDPOSection,
+        "rerank": RerankSection,
+    }
     unknown = set(raw) - set(sections) - {"max_users"}
     if unknown:
         raise ValueError(f"{where}: unknown section(s) {sorted(unknown)}; known: {sorted(sections)} and max_users")

@@ -15,19 +15,15 @@ and training a fresh LoRA on it, but the result stays one adapter on the base th
 servable next to the re-rank adapter by vLLM multi-LoRA (the service's shape). Its LoRA shape is fixed by
 round 1.
 
-The re-rank job (SPEC section 1; LlamaRec's verbalizer, arXiv 2311.02089): the served retriever's top K
-on the test step, scored in one forward pass per prompt from the label log-probabilities, zero-shot,
-after SFT on the validation step's true label, and after DPO on top of the SFT adapter (chosen = true
-label, rejected = the retriever's highest-ranked wrong candidate). Candidates outside the top K keep the
-retriever's order below the re-ranked ones, so a user whose test item is not among the K keeps the
-retriever's rank whatever the LLM says: only the other users' prompts are scored (same metric, a
-fraction of the work). The re-rank prompt shows no ratings, as the service's does.
+Then the re-rank job (``training.rerank_job``): zero-shot, SFT and SFT+DPO label scoring of the served
+retriever's top K. ``run_loop`` runs both and adds the bootstrap comparisons the paper makes.
 
 Every vLLM engine runs in a spawned process (``training.pipeline.run_isolated``): an engine left in the
 training process slowed torch about 20x on a 2-core machine. The engines apply a trained adapter as
 merged float32 weights (``llm.engine_adapters: merged``, the default: vLLM's CPU LoRA path gathers the
-adapter per token and was several times slower) or as vLLM LoRA requests (``lora``, for GPUs). Float32,
-because a bf16 merge would round most of a small LoRA update away. The run directory keeps the adapters.
+adapter per token, 10x slower prefill, docs/BENCHMARKS.md) or as vLLM LoRA requests (``lora``, for
+GPUs). Float32, because a bf16 merge would round most of a small LoRA update away. The run directory
+keeps the adapters.
 """
 
 from __future__ import annotations
@@ -43,18 +39,16 @@ from typing import Any
 
 import numpy as np
 
-from llm.labels import candidate_labels
 from llm.prompts import preference_messages, render
 from retrieval.catalog import Catalog
 from retrieval.encoder import TextEncoder
 from retrieval.sasrec import SASRec
 from training import metrics as M
 from training.config import PipelineConfig
-from training.dpo import TrainResult, merge_adapter, train_dpo, train_sft
+from training.dpo import TrainResult, merge_adapter, train_dpo
 from training.pairs import PairSet, build_pairs, save_pairs
 from training.pipeline import StageTimer, _train_sasrec, prompt_config, ranks_on_test, run_isolated
 from training.preferences import history_items
-from training.rerank import RerankExample, build_examples, dpo_rows, rerank_order, retrieve, sft_rows
 from training.retriever import score_users
 from training.reward import reward_inputs, rewards
 from training.split import Split
@@ -105,9 +99,10 @@ class LoopOutputs:
 # ---- vLLM in a spawned process ------------------------------------------------------------------------
 
 
-def engine_jobs(engine_cfg: dict[str, Any], jobs: list[dict[str, Any]]) -> list[Any]:
+def engine_jobs(settings: dict[str, Any], jobs: list[dict[str, Any]]) -> list[Any]:
     """Runs in a spawned process: the jobs in order, one vLLM engine per run of jobs on the same model.
 
+    ``settings``: EngineConfig fields but the model (``engine_cfg``).
     A job is ``{"kind": "generate", "prompts", "gen": GenerationConfig fields, "model", "lora"}``
     (returns ``n`` texts per prompt) or ``{"kind": "score", "prompts", "label_ids", "model", "lora"}``
     (returns a (k,) label log-prob array per prompt); ``model`` is a folder, ``lora`` an adapter or None.
@@ -122,7 +117,7 @@ def engine_jobs(engine_cfg: dict[str, Any], jobs: list[dict[str, Any]]) -> list[
         while end < len(jobs) and jobs[end]["model"] == model:
             end += 1
         loras = sorted({job["lora"] for job in jobs[start:end] if job.get("lora")})
-        engine = make_llm(EngineConfig(**engine_cfg, model=model, enable_lora=bool(loras)))
+        engine = make_llm(EngineConfig(**settings, model=model, enable_lora=bool(loras)))
         requests = {path: make_lora(f"adapter{i}", path, i) for i, path in enumerate(loras, start=1)}
         try:
             for job in jobs[start:end]:
@@ -150,27 +145,40 @@ def policy(inp: LoopInputs, adapter: Path | None, work: Path) -> dict[str, str |
     return {"model": str(merged), "lora": None}
 
 
-def _engine_cfg(cfg: PipelineConfig, seed: int | None = None) -> dict[str, Any]:
+def engine_cfg(cfg: PipelineConfig, seed: int | None = None) -> dict[str, Any]:
     ranks = [cfg.preference_dpo.train.lora_r, cfg.rerank.sft.lora_r, cfg.rerank.dpo.lora_r, 16]
     rank = next(r for r in (8, 16, 32, 64, 128, 256) if r >= max(ranks))  # vLLM's supported max_lora_rank
-    return {"max_model_len": cfg.llm.max_model_len, "max_num_seqs": cfg.llm.max_num_seqs,
-            "seed": cfg.llm.seed if seed is None else seed, "max_lora_rank": rank,
-            "max_logprobs": max(64, cfg.rerank.k)}
+    return {
+        "max_model_len": cfg.llm.max_model_len,
+        "max_num_seqs": cfg.llm.max_num_seqs,
+        "seed": cfg.llm.seed if seed is None else seed,
+        "max_lora_rank": rank,
+        "max_logprobs": max(64, cfg.rerank.k),
+    }
 
 
 def _greedy(cfg: PipelineConfig) -> dict[str, Any]:
     """The pipeline's generation settings for the one preference per user (so rows compare like for like)."""
-    return {"n": 1, "temperature": cfg.llm.temperature, "max_tokens": cfg.llm.max_tokens,
-            "repetition_penalty": cfg.llm.repetition_penalty}  # no per-request seed: see _sampling
+    return {
+        "n": 1,
+        "temperature": cfg.llm.temperature,
+        "max_tokens": cfg.llm.max_tokens,
+        "repetition_penalty": cfg.llm.repetition_penalty,
+    }  # no per-request seed: see _sampling
 
 
 def _sampling(cfg: PipelineConfig) -> dict[str, Any]:
     # No per-request seed: vLLM 0.32 on CPU crashes on a seeded request whose prefill is chunked ("CPU
     # Generator does not use offset", gpu_model_runner._bookkeeping_sync). The engine's seed
-    # (_engine_cfg, per round) makes sampling repeatable instead.
+    # (engine_cfg, per round) makes sampling repeatable instead.
     p = cfg.preference_dpo
-    return {"n": p.samples_per_user, "temperature": p.temperature, "top_p": p.top_p,
-            "max_tokens": p.max_tokens or cfg.llm.max_tokens, "repetition_penalty": cfg.llm.repetition_penalty}
+    return {
+        "n": p.samples_per_user,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "max_tokens": p.max_tokens or cfg.llm.max_tokens,
+        "repetition_penalty": cfg.llm.repetition_penalty,
+    }
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -184,10 +192,13 @@ def sample_users(users: Sequence[str], n: int | None, seed: int) -> list[str]:
     return [u for i, u in enumerate(users) if i in picked]
 
 
-def _compare(per_user: dict[str, dict[str, np.ndarray]], a: str, b: str, metrics: Sequence[str],
-             n_boot: int) -> list[dict[str, Any]]:
-    return [{"a": a, "b": b, "metric": m, **M.bootstrap_diff(per_user[a][m], per_user[b][m], n_boot=n_boot)}
-            for m in metrics]
+def _compare(
+    per_user: dict[str, dict[str, np.ndarray]], a: str, b: str, metrics: Sequence[str], n_boot: int
+) -> list[dict[str, Any]]:
+    return [
+        {"a": a, "b": b, "metric": m, **M.bootstrap_diff(per_user[a][m], per_user[b][m], n_boot=n_boot)}
+        for m in metrics
+    ]
 
 
 def _finite(values: Sequence[float]) -> list[float | None]:
@@ -195,34 +206,43 @@ def _finite(values: Sequence[float]) -> list[float | None]:
     return [None if (v is None or math.isnan(v)) else round(float(v), 6) for v in values]
 
 
-def _train_summary(result: TrainResult) -> dict[str, Any]:
-    return {"examples": result.examples, "dropped_long": result.dropped_long, "setup_seconds": result.setup_seconds,
-            "train_seconds": result.train_seconds, "tokens": result.tokens,
-            "tokens_per_second": result.tokens_per_second}
+def train_summary(result: TrainResult) -> dict[str, Any]:
+    return {
+        "examples": result.examples,
+        "dropped_long": result.dropped_long,
+        "setup_seconds": result.setup_seconds,
+        "train_seconds": result.train_seconds,
+        "tokens": result.tokens,
+        "tokens_per_second": result.tokens_per_second,
+    }
 
 
-def _curve(result: TrainResult) -> dict[str, list[float | None]]:
+def curve_json(result: TrainResult) -> dict[str, list[float | None]]:
     return {key: _finite(values) for key, values in result.curves.items()}
 
 
-def _read_tree(folder: Path, prefix: str) -> dict[str, bytes]:
+def read_tree(folder: Path, prefix: str) -> dict[str, bytes]:
     return {f"{prefix}/{p.relative_to(folder)}": p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ---- the preference loop ------------------------------------------------------------------------------
 
 
-def _preference_prompts(cfg: PipelineConfig, tokenizer: Any, catalog: Catalog, split: Split,
-                        users: Sequence[str]) -> tuple[dict[str, list[dict[str, str]]], dict[str, str]]:
+def _preference_prompts(
+    cfg: PipelineConfig, tokenizer: Any, catalog: Catalog, split: Split, users: Sequence[str]
+) -> tuple[dict[str, list[dict[str, str]]], dict[str, str]]:
     """(chat messages, rendered prompt) per user: the pipeline's preference prompt, training items only."""
     prompt_cfg = prompt_config(cfg)
-    messages = {u: preference_messages(history_items(catalog, split.users[u].train, split.users[u].train_ratings),
-                                       prompt_cfg) for u in users}  # never the validation or test item
+    messages = {
+        u: preference_messages(history_items(catalog, split.users[u].train, split.users[u].train_ratings), prompt_cfg)
+        for u in users
+    }  # never the validation or test item
     return messages, {u: render(tokenizer, m) for u, m in messages.items()}
 
 
-def base_preferences_and_samples(cfg: PipelineConfig, catalog: Catalog, split: Split, users: list[str],
-                                 model_dir: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+def base_preferences_and_samples(
+    cfg: PipelineConfig, catalog: Catalog, split: Split, users: list[str], model_dir: Path
+) -> tuple[dict[str, str], dict[str, list[str]]]:
     """The pipeline's greedy base preferences for every user AND round 1's N samples per DPO user, from
     one engine (one start less; the greedy job runs first and alone, so its texts are the pipeline's)."""
     from transformers import AutoTokenizer
@@ -230,9 +250,11 @@ def base_preferences_and_samples(cfg: PipelineConfig, catalog: Catalog, split: S
     _, rendered = _preference_prompts(cfg, AutoTokenizer.from_pretrained(model_dir), catalog, split, users)
     dpo_users = sample_users(users, cfg.preference_dpo.max_users, cfg.preference_dpo.seed)
     base = {"model": str(model_dir), "lora": None}
-    jobs = [{"kind": "generate", "prompts": [rendered[u] for u in users], "gen": _greedy(cfg), **base},
-            {"kind": "generate", "prompts": [rendered[u] for u in dpo_users], "gen": _sampling(cfg), **base}]
-    greedy, samples = run_isolated(engine_jobs, _engine_cfg(cfg, cfg.preference_dpo.seed + 1), jobs)
+    jobs = [
+        {"kind": "generate", "prompts": [rendered[u] for u in users], "gen": _greedy(cfg), **base},
+        {"kind": "generate", "prompts": [rendered[u] for u in dpo_users], "gen": _sampling(cfg), **base},
+    ]
+    greedy, samples = run_isolated(engine_jobs, engine_cfg(cfg, cfg.preference_dpo.seed + 1), jobs)
     return ({u: g[0] for u, g in zip(users, greedy, strict=True)}, dict(zip(dpo_users, samples, strict=True)))
 
 
@@ -247,8 +269,16 @@ class _RoundState:
     samples: list[list[str]] | None = None  # this round's N samples per DPO user, if already drawn
 
 
-def _pairs(inp: LoopInputs, r: int, state: _RoundState, dpo_users: list[str], messages: dict[str, Any],
-           work: Path, out: LoopOutputs, info: dict[str, Any]) -> PairSet:
+def _pairs(
+    inp: LoopInputs,
+    r: int,
+    state: _RoundState,
+    dpo_users: list[str],
+    messages: dict[str, Any],
+    work: Path,
+    out: LoopOutputs,
+    info: dict[str, Any],
+) -> PairSet:
     """Encode the samples, reward them on the validation item, (best, worst) pairs; records distributions."""
     p = inp.cfg.preference_dpo
     assert state.samples is not None
@@ -257,26 +287,42 @@ def _pairs(inp: LoopInputs, r: int, state: _RoundState, dpo_users: list[str], me
     reward = rewards(state.reward_model, inp.encoder.encode(flat, progress=True), seqs, valid, k=p.reward_k)  # (U, N)
     row = {u: i for i, u in enumerate(inp.users)}
     greedy = rewards(state.reward_model, state.vectors[[row[u] for u in dpo_users]], seqs, valid, k=p.reward_k)
-    pairs = build_pairs({u: messages[u] for u in dpo_users}, dict(zip(dpo_users, state.samples, strict=True)),
-                        reward, min_margin=p.min_margin)
+    pairs = build_pairs(
+        {u: messages[u] for u in dpo_users},
+        dict(zip(dpo_users, state.samples, strict=True)),
+        reward,
+        min_margin=p.min_margin,
+    )
     name = f"preference_round{r}_pairs"
     save_pairs(work / f"{name}.jsonl", pairs)
     out.files.update({f"dpo/{name}{ext}": (work / f"{name}{ext}").read_bytes() for ext in (".jsonl", ".stats.json")})
-    info.update(pairs=vars(pairs.stats), sample_reward_mean=float(reward.mean()),
-                sample_reward_best_mean=float(reward.max(axis=1).mean()), greedy_reward_mean=float(greedy.mean()))
+    info.update(
+        pairs=vars(pairs.stats),
+        sample_reward_mean=float(reward.mean()),
+        sample_reward_best_mean=float(reward.max(axis=1).mean()),
+        greedy_reward_mean=float(greedy.mean()),
+    )
     out.doc.setdefault("reward_distributions", {})[f"round {r}"] = {
         "chosen": [pair["reward_chosen"] for pair in pairs.rows],
         "rejected": [pair["reward_rejected"] for pair in pairs.rows],
         "samples": [round(float(x), 6) for x in reward.ravel()],
     }
-    log.info("round %d: %d pairs from %d users (%d tied); mean reward: samples %.4f, best of N %.4f, greedy %.4f",
-             r, pairs.stats.kept, len(dpo_users), pairs.stats.dropped_ties, info["sample_reward_mean"],
-             info["sample_reward_best_mean"], info["greedy_reward_mean"])
+    log.info(
+        "round %d: %d pairs from %d users (%d tied); mean reward: samples %.4f, best of N %.4f, greedy %.4f",
+        r,
+        pairs.stats.kept,
+        len(dpo_users),
+        pairs.stats.dropped_ties,
+        info["sample_reward_mean"],
+        info["sample_reward_best_mean"],
+        info["greedy_reward_mean"],
+    )
     return pairs
 
 
-def _reward_check(inp: LoopInputs, state: _RoundState, texts: dict[str, str], vectors: np.ndarray,
-                  dpo_users: list[str]) -> dict[str, Any]:
+def _reward_check(
+    inp: LoopInputs, state: _RoundState, texts: dict[str, str], vectors: np.ndarray, dpo_users: list[str]
+) -> dict[str, Any]:
     """Did DPO raise what it optimised? Validation reward of the greedy texts before vs after, under this
     round's reward model, for every user and for the DPO users."""
     seqs, valid = reward_inputs(inp.split, inp.users)
@@ -284,9 +330,11 @@ def _reward_check(inp: LoopInputs, state: _RoundState, texts: dict[str, str], ve
     before = rewards(state.reward_model, state.vectors, seqs, valid, k=k)[:, 0]  # (U,)
     after = rewards(state.reward_model, vectors, seqs, valid, k=k)[:, 0]
     in_dpo = np.isin(np.asarray(inp.users), dpo_users)
-    return {"all_users": {"before": float(before.mean()), "after": float(after.mean())},
-            "dpo_users": {"before": float(before[in_dpo].mean()), "after": float(after[in_dpo].mean())},
-            "changed_texts": int(sum(texts[u] != state.texts[u] for u in inp.users))}
+    return {
+        "all_users": {"before": float(before.mean()), "after": float(after.mean())},
+        "dpo_users": {"before": float(before[in_dpo].mean()), "after": float(after[in_dpo].mean())},
+        "changed_texts": int(sum(texts[u] != state.texts[u] for u in inp.users)),
+    }
 
 
 def align_preferences(inp: LoopInputs, tokenizer: Any, work: Path, timer: StageTimer, out: LoopOutputs) -> None:
@@ -295,19 +343,32 @@ def align_preferences(inp: LoopInputs, tokenizer: Any, work: Path, timer: StageT
     messages, rendered = _preference_prompts(cfg, tokenizer, inp.catalog, split, users)
     dpo_users = sample_users(users, p.max_users, p.seed)
     test_seqs = {u: [*split.users[u].train, split.users[u].valid] for u in users}
-    state = _RoundState(inp.texts, inp.vectors, inp.retriever,
-                        samples=[inp.samples[u] for u in dpo_users] if inp.samples is not None else None)
+    state = _RoundState(
+        inp.texts,
+        inp.vectors,
+        inp.retriever,
+        samples=[inp.samples[u] for u in dpo_users] if inp.samples is not None else None,
+    )
     rounds: list[dict[str, Any]] = []
-    log.info("DPO loop: %d round(s), %d DPO users x %d samples, %d users regenerated per round",
-             p.rounds, len(dpo_users), p.samples_per_user, len(users))
+    log.info(
+        "DPO loop: %d round(s), %d DPO users x %d samples, %d users regenerated per round",
+        p.rounds,
+        len(dpo_users),
+        p.samples_per_user,
+        len(users),
+    )
     for r in range(1, p.rounds + 1):
         info: dict[str, Any] = {"round": r, "dpo_users": len(dpo_users)}
         rounds.append(info)
         if state.samples is None:  # later rounds (and round 1 outside the pipeline) sample here
             with timer(f"dpo_r{r}_sample"):
-                job = {"kind": "generate", "prompts": [rendered[u] for u in dpo_users], "gen": _sampling(cfg),
-                       **policy(inp, state.adapter, work)}
-                (state.samples,) = run_isolated(engine_jobs, _engine_cfg(cfg, p.seed + r), [job])
+                job = {
+                    "kind": "generate",
+                    "prompts": [rendered[u] for u in dpo_users],
+                    "gen": _sampling(cfg),
+                    **policy(inp, state.adapter, work),
+                }
+                (state.samples,) = run_isolated(engine_jobs, engine_cfg(cfg, p.seed + r), [job])
         with timer(f"dpo_r{r}_reward"):
             pairs = _pairs(inp, r, state, dpo_users, messages, work, out, info)
         if not pairs.rows:
@@ -315,15 +376,16 @@ def align_preferences(inp: LoopInputs, tokenizer: Any, work: Path, timer: StageT
             break
         with timer(f"dpo_r{r}_train"):
             result = train_dpo(inp.model_dir, pairs, p.train, work / f"preference_round{r}", init_adapter=state.adapter)
-        info["train"] = _train_summary(result)
-        out.doc.setdefault("dpo_curves", {})[f"preference round {r}"] = _curve(result)
+        info["train"] = train_summary(result)
+        out.doc.setdefault("dpo_curves", {})[f"preference round {r}"] = curve_json(result)
         with timer(f"dpo_r{r}_generate"):
             aligned = policy(inp, result.adapter_dir, work)
             jobs = [{"kind": "generate", "prompts": [rendered[u] for u in users], "gen": _greedy(cfg), **aligned}]
             if r < p.rounds:  # the next round's samples come from this policy: same engine, one start less
-                jobs.append({"kind": "generate", "prompts": [rendered[u] for u in dpo_users],
-                             "gen": _sampling(cfg), **aligned})
-            generated = run_isolated(engine_jobs, _engine_cfg(cfg, p.seed + r + 1), jobs)
+                jobs.append(
+                    {"kind": "generate", "prompts": [rendered[u] for u in dpo_users], "gen": _sampling(cfg), **aligned}
+                )
+            generated = run_isolated(engine_jobs, engine_cfg(cfg, p.seed + r + 1), jobs)
             texts = {u: per_user[0] for u, per_user in zip(users, generated[0], strict=True)}
         with timer(f"dpo_r{r}_encode"):
             vectors = inp.encoder.encode([texts[u] for u in users], progress=True)
@@ -338,65 +400,8 @@ def align_preferences(inp: LoopInputs, tokenizer: Any, work: Path, timer: StageT
     out.doc["dpo_loop"] = {"rounds": rounds, "dpo_users": len(dpo_users), "samples_per_user": p.samples_per_user}
     out.texts, out.vectors, out.retriever = state.texts, state.vectors, state.reward_model
     if state.adapter is not None:
-        out.files.update(_read_tree(state.adapter, "adapters/preference"))
+        out.files.update(read_tree(state.adapter, "adapters/preference"))
         out.adapters["preference"] = "adapters/preference"
-
-
-# ---- the re-rank job ----------------------------------------------------------------------------------
-
-
-def _examples(inp: LoopInputs, tokenizer: Any, out: LoopOutputs) -> tuple[list[RerankExample], list[RerankExample]]:
-    """(test examples of every user, validation-step training examples of the sampled training users)."""
-    cfg, split, rc = inp.cfg, inp.split, inp.cfg.rerank
-    labels = candidate_labels(tokenizer, rc.k)
-    prompt_cfg = prompt_config(cfg)
-    assert out.vectors is not None and out.retriever is not None
-    prefs = {u: out.vectors[i] for i, u in enumerate(inp.users)}
-    test_seqs = {u: [*split.users[u].train, split.users[u].valid] for u in inp.users}
-    ranked = retrieve(out.retriever, test_seqs, prefs, inp.users, rc.k)
-    test = build_examples(inp.catalog, inp.users, test_seqs, {u: split.users[u].test for u in inp.users}, ranked,
-                          out.texts, labels, prompt_cfg, ratings=None, insert_target=False)
-    train_users = sample_users(inp.users, rc.train_users, rc.seed)
-    train_seqs = {u: split.users[u].train for u in train_users}
-    ranked = retrieve(out.retriever, train_seqs, prefs, train_users, rc.k)
-    train = build_examples(inp.catalog, train_users, train_seqs, {u: split.users[u].valid for u in train_users},
-                           ranked, out.texts, labels, prompt_cfg, ratings=None, insert_target=rc.insert_target,
-                           seed=rc.seed)
-    return test, train
-
-
-def rerank_job(inp: LoopInputs, tokenizer: Any, work: Path, timer: StageTimer, out: LoopOutputs) -> None:
-    """Zero-shot, SFT and SFT+DPO label scoring of the served retriever's top K; rows vs the retriever order."""
-    cfg, rc = inp.cfg, inp.cfg.rerank
-    with timer("rerank_examples"):
-        test, train = _examples(inp, tokenizer, out)
-    hits = [i for i, e in enumerate(test) if e.target_position is not None]  # the only users the LLM can move
-    info: dict[str, Any] = {"k": rc.k, "users": len(test), "scored_users": len(hits),
-                            "candidate_recall": len(hits) / max(len(test), 1), "train_users": len(train),
-                            "train_inserted": sum(e.inserted for e in train)}
-    log.info("re-rank: %d of %d test items are among the top %d (only those prompts are scored); %d training users",
-             len(hits), len(test), rc.k, len(train))
-    with timer("rerank_sft"):
-        sft = train_sft(inp.model_dir, sft_rows(train), rc.sft, work / "rerank_sft")
-    with timer("rerank_dpo"):
-        dpo = train_dpo(inp.model_dir, dpo_rows(train), rc.dpo, work / "rerank_dpo", init_adapter=sft.adapter_dir)
-    info["sft"], info["dpo"] = _train_summary(sft), _train_summary(dpo)
-    out.doc.setdefault("dpo_curves", {}).update({"rerank SFT": _curve(sft), "rerank SFT+DPO": _curve(dpo)})
-    with timer("rerank_score"):
-        prompts = [render(tokenizer, test[i].messages) for i in hits]
-        ids = [[token for _, token in test[i].labels] for i in hits]
-        jobs = [{"kind": "score", "prompts": prompts, "label_ids": ids, **policy(inp, adapter, work)}
-                for adapter in (None, sft.adapter_dir, dpo.adapter_dir)]
-        scores = run_isolated(engine_jobs, _engine_cfg(cfg), jobs) if hits else [[], [], []]
-    served = inp.ranks if out.served_row == BASE_ROW else out.ranks[out.served_row]
-    for name, per_prompt in zip(RERANK_ROWS, scores, strict=True):
-        ranks = served.copy()  # outside the top K: the retriever's rank, unchanged
-        for i, s in zip(hits, per_prompt, strict=True):
-            ranks[i] = rerank_order(s, test[i].candidates).index(test[i].target)
-        out.ranks[name] = ranks
-    out.doc["rerank"] = info
-    out.files.update(_read_tree(dpo.adapter_dir, "adapters/rerank"))
-    out.adapters["rerank"] = "adapters/rerank"
 
 
 # ---- entry point ----------------------------------------------------------------------------------------
@@ -414,6 +419,8 @@ def run_loop(inp: LoopInputs, timer: StageTimer) -> LoopOutputs:
         if cfg.preference_dpo.rounds:
             align_preferences(inp, tokenizer, work, timer, out)
         if cfg.rerank.enabled:
+            from training.rerank_job import rerank_job  # it imports this module
+
             rerank_job(inp, tokenizer, work, timer, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -27,12 +27,12 @@ from llm.prompts import PromptConfig
 from retrieval.catalog import Catalog
 from retrieval.encoder import EncoderConfig, TextEncoder
 from retrieval.index import ItemIndex
-from retrieval.rundir import staging_dir, write_manifest
+from retrieval.rundir import RunDirError, read_manifest, staging_dir, write_manifest
 from retrieval.sasrec import SASRec, SASRecConfig
 from training import metrics as M
 from training.config import PipelineConfig
 from training.data import Dataset, load_dataset
-from training.preferences import preference_prompts, save_preferences
+from training.preferences import load_preferences, preference_prompts, save_preferences
 from training.report import write_report
 from training.retriever import RetrieverTrainConfig, score_users, train_retriever
 from training.split import Split, leave_one_out
@@ -68,15 +68,37 @@ def ranks_on_test(scores: np.ndarray, split: Split, users: list[str]) -> np.ndar
     return M.ranks_of_targets(scores, targets, exclude)
 
 
-def _train_sasrec(cfg: PipelineConfig, catalog: Catalog, split: Split, users: list[str],
-                  prefs: dict[str, np.ndarray] | None, pref_dim: int) -> tuple[SASRec, list[dict[str, Any]]]:
+def _train_sasrec(
+    cfg: PipelineConfig,
+    catalog: Catalog,
+    split: Split,
+    users: list[str],
+    prefs: dict[str, np.ndarray] | None,
+    pref_dim: int,
+) -> tuple[SASRec, list[dict[str, Any]]]:
     r = cfg.retriever
-    model_cfg = SASRecConfig(num_items=len(catalog), max_len=r.max_len, hidden=r.hidden, layers=r.layers,
-                             heads=r.heads, dropout=r.dropout, pref_dim=pref_dim, fusion=r.fusion,
-                             adaptor_hidden=r.adaptor_hidden)
-    train_cfg = RetrieverTrainConfig(epochs=r.epochs, batch_size=r.batch_size, lr=r.lr,
-                                     weight_decay=r.weight_decay, patience=r.patience, seed=r.seed,
-                                     max_len=r.max_len, windows=r.windows, num_threads=r.num_threads)
+    model_cfg = SASRecConfig(
+        num_items=len(catalog),
+        max_len=r.max_len,
+        hidden=r.hidden,
+        layers=r.layers,
+        heads=r.heads,
+        dropout=r.dropout,
+        pref_dim=pref_dim,
+        fusion=r.fusion,
+        adaptor_hidden=r.adaptor_hidden,
+    )
+    train_cfg = RetrieverTrainConfig(
+        epochs=r.epochs,
+        batch_size=r.batch_size,
+        lr=r.lr,
+        weight_decay=r.weight_decay,
+        patience=r.patience,
+        seed=r.seed,
+        max_len=r.max_len,
+        windows=r.windows,
+        num_threads=r.num_threads,
+    )
     train_seqs = {u: split.users[u].train for u in users}
     valid = {u: split.users[u].valid for u in users}
     return train_retriever(train_cfg, model_cfg, train_seqs, valid, prefs, progress=True)
@@ -118,14 +140,40 @@ def infer_preferences(cfg: PipelineConfig, catalog: Catalog, split: Split, users
 
     model_dir = resolve_model(cfg.llm.model, Path(cfg.llm.model_cache).expanduser())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = preference_prompts(tokenizer, catalog, prompt_histories(split, users),
-                                 PromptConfig(max_history=cfg.llm.history_items))
-    engine_cfg = {"model": str(model_dir), "max_model_len": cfg.llm.max_model_len,
-                  "max_num_seqs": cfg.llm.max_num_seqs, "seed": cfg.llm.seed}
-    gen_cfg = {"n": 1, "temperature": cfg.llm.temperature, "max_tokens": cfg.llm.max_tokens, "seed": cfg.llm.seed,
-               "repetition_penalty": cfg.llm.repetition_penalty}
+    prompts = preference_prompts(
+        tokenizer, catalog, prompt_histories(split, users), PromptConfig(max_history=cfg.llm.history_items)
+    )
+    engine_cfg = {
+        "model": str(model_dir),
+        "max_model_len": cfg.llm.max_model_len,
+        "max_num_seqs": cfg.llm.max_num_seqs,
+        "seed": cfg.llm.seed,
+    }
+    gen_cfg = {
+        "n": 1,
+        "temperature": cfg.llm.temperature,
+        "max_tokens": cfg.llm.max_tokens,
+        "seed": cfg.llm.seed,
+        "repetition_penalty": cfg.llm.repetition_penalty,
+    }
     texts = run_isolated(_generate_in_subprocess, engine_cfg, gen_cfg, list(prompts.values()))
     return dict(zip(prompts, texts, strict=True))
+
+
+def reuse_preferences(run: Path, users: list[str]) -> dict[str, str]:
+    """The preference texts of an earlier training run, for the same users (checked)."""
+    manifest = read_manifest(run)
+    if manifest.get("preferences_refreshed"):
+        raise RunDirError(
+            f"{run}: its preferences were refreshed from full histories (dpo4rec preferences), which include "
+            "the validation and test items; reuse the texts of a training run instead"
+        )
+    texts, _ = load_preferences(run)
+    missing = [u for u in users if u not in texts]
+    if missing:
+        raise RunDirError(f"{run / 'preferences.jsonl'} has no text for {len(missing)} users, e.g. {missing[:5]}")
+    log.info("reusing %d preference texts from %s", len(users), run)
+    return {u: texts[u] for u in users}
 
 
 def _row(name: str, ranks: np.ndarray) -> dict[str, Any]:
@@ -134,12 +182,16 @@ def _row(name: str, ranks: np.ndarray) -> dict[str, Any]:
 
 def prompt_config(cfg: PipelineConfig) -> PromptConfig:
     """Both jobs' prompt settings, saved in llm.json so the service builds the prompts training saw."""
-    return PromptConfig(max_history=cfg.llm.history_items, max_recent=cfg.rerank.recent_items,
-                        max_preference_chars=cfg.rerank.preference_chars)
+    return PromptConfig(
+        max_history=cfg.llm.history_items,
+        max_recent=cfg.rerank.recent_items,
+        max_preference_chars=cfg.rerank.preference_chars,
+    )
 
 
-def _base_preferences_and_samples(cfg: PipelineConfig, catalog: Catalog, split: Split,
-                                  users: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+def _base_preferences_and_samples(
+    cfg: PipelineConfig, catalog: Catalog, split: Split, users: list[str]
+) -> tuple[dict[str, str], dict[str, list[str]]]:
     """infer_preferences plus the DPO loop's round-1 samples, one engine (training.loop)."""
     from llm.models import resolve_model
     from training.loop import base_preferences_and_samples
@@ -148,17 +200,40 @@ def _base_preferences_and_samples(cfg: PipelineConfig, catalog: Catalog, split: 
     return base_preferences_and_samples(cfg, catalog, split, users, model_dir)
 
 
-def _run_loop(cfg: PipelineConfig, catalog: Catalog, split: Split, users: list[str], encoder: TextEncoder,
-              texts: dict[str, str], vectors: np.ndarray, augmented: SASRec, base_ranks: np.ndarray,
-              samples: dict[str, list[str]] | None, timer: StageTimer) -> Any:
+def _run_loop(
+    cfg: PipelineConfig,
+    catalog: Catalog,
+    split: Split,
+    users: list[str],
+    encoder: TextEncoder,
+    texts: dict[str, str],
+    vectors: np.ndarray,
+    augmented: SASRec,
+    base_ranks: np.ndarray,
+    samples: dict[str, list[str]] | None,
+    timer: StageTimer,
+) -> Any:
     """training.loop.run_loop on the pipeline's state (imported here: loop.py imports this module)."""
     from llm.models import resolve_model
     from training.loop import LoopInputs, run_loop
 
     model_dir = resolve_model(cfg.llm.model, Path(cfg.llm.model_cache).expanduser())
-    return run_loop(LoopInputs(cfg=cfg, catalog=catalog, split=split, users=users, model_dir=model_dir,
-                               encoder=encoder, texts=texts, vectors=vectors, retriever=augmented,
-                               ranks=base_ranks, samples=samples), timer)
+    return run_loop(
+        LoopInputs(
+            cfg=cfg,
+            catalog=catalog,
+            split=split,
+            users=users,
+            model_dir=model_dir,
+            encoder=encoder,
+            texts=texts,
+            vectors=vectors,
+            retriever=augmented,
+            ranks=base_ranks,
+            samples=samples,
+        ),
+        timer,
+    )
 
 
 def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dict[str, Any]:
@@ -179,7 +254,9 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
         ranks["SASRec"] = ranks_on_test(score_users(plain, test_seqs, None, users), split, users)
     samples = None  # with the DPO loop on, its round-1 samples come from the same engine (one start less)
     with timer("preferences_llm"):
-        if cfg.preference_dpo.rounds:
+        if cfg.llm.preferences_from:
+            texts = reuse_preferences(Path(cfg.llm.preferences_from), users)
+        elif cfg.preference_dpo.rounds:
             texts, samples = _base_preferences_and_samples(cfg, catalog, split, users)
         else:
             texts = infer_preferences(cfg, catalog, split, users)
@@ -194,8 +271,19 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
         ranks["SASRec + base-LLM preferences"] = ranks_on_test(aug_scores, split, users)
     loop = None  # the DPO loop and the re-rank job (training/loop.py), only when the config enables them
     if cfg.preference_dpo.rounds or cfg.rerank.enabled:
-        loop = _run_loop(cfg, catalog, split, users, encoder, texts, vectors, augmented,
-                         ranks["SASRec + base-LLM preferences"], samples, timer)
+        loop = _run_loop(
+            cfg,
+            catalog,
+            split,
+            users,
+            encoder,
+            texts,
+            vectors,
+            augmented,
+            ranks["SASRec + base-LLM preferences"],
+            samples,
+            timer,
+        )
         ranks.update(loop.ranks)
     served_texts = loop.texts if loop else texts
     served_vectors = loop.vectors if loop else vectors
@@ -212,10 +300,15 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
         for m in ("NDCG@10", "Recall@10")
     ] + (loop.comparisons if loop else [])
     version = f"{dataset.name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-    metrics_doc = {"split": "test", "users": len(users), "rows": rows, "comparisons": comparisons,
-                   "index_recall_at_20_vs_exact": index_recall, "stage_seconds": timer.seconds,
-                   "curves": {"SASRec": plain_curve, "SASRec + base-LLM preferences": aug_curve,
-                              **(loop.curves if loop else {})}}
+    metrics_doc = {
+        "split": "test",
+        "users": len(users),
+        "rows": rows,
+        "comparisons": comparisons,
+        "index_recall_at_20_vs_exact": index_recall,
+        "stage_seconds": timer.seconds,
+        "curves": {"SASRec": plain_curve, "SASRec + base-LLM preferences": aug_curve, **(loop.curves if loop else {})},
+    }
     if loop:  # the retriever the run serves, reward distributions, DPO curves, loop and re-rank details
         metrics_doc.update({"served_retriever": loop.served_row, **loop.doc})
     with staging_dir(Path(out), overwrite=overwrite) as tmp:
@@ -228,13 +321,22 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
         for rel, content in (loop.files if loop else {}).items():  # adapters/preference, adapters/rerank, dpo/
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(content)
-        (tmp / "llm.json").write_text(json.dumps({
-            "base_model": cfg.llm.model,
-            "adapters": loop.adapters if loop else {"preference": None, "rerank": None},
-            "prompt": asdict(prompt_config(cfg)), "rerank_k": cfg.rerank.k,
-            "preference_generation": {"max_tokens": cfg.llm.max_tokens, "temperature": cfg.llm.temperature,
-                                      "repetition_penalty": cfg.llm.repetition_penalty},
-        }, indent=2))
+        (tmp / "llm.json").write_text(
+            json.dumps(
+                {
+                    "base_model": cfg.llm.model,
+                    "adapters": loop.adapters if loop else {"preference": None, "rerank": None},
+                    "prompt": asdict(prompt_config(cfg)),
+                    "rerank_k": cfg.rerank.k,
+                    "preference_generation": {
+                        "max_tokens": cfg.llm.max_tokens,
+                        "temperature": cfg.llm.temperature,
+                        "repetition_penalty": cfg.llm.repetition_penalty,
+                    },
+                },
+                indent=2,
+            )
+        )
         (tmp / "metrics.json").write_text(json.dumps(metrics_doc, indent=2))
         examples = {u: texts[u] for u in users[:3]}
         if loop and served_texts is not texts:

@@ -111,8 +111,12 @@ def _plot_dpo_curves(doc: dict[str, Any], path: Path) -> bool:
     runs = {k: v for k, v in doc.get("dpo_curves", {}).items() if v.get("step")}
     if not runs:
         return False
-    panels = (("loss", "DPO loss", True), ("rewards/margins", "reward margin (chosen - rejected)", True),
-              ("rewards/accuracies", "preference accuracy", True), ("loss", "SFT loss", False))
+    panels = (
+        ("loss", "DPO loss", True),
+        ("rewards/margins", "reward margin (chosen - rejected)", True),
+        ("rewards/accuracies", "preference accuracy", True),
+        ("loss", "SFT loss", False),
+    )
     colors = {name: f"C{i}" for i, name in enumerate(runs)}  # one colour per run on every panel
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for ax, (key, title, dpo) in zip(axes, panels, strict=True):
@@ -140,28 +144,45 @@ def _loop_lines(doc: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     loop = doc.get("dpo_loop")
     if loop:
-        lines += ["## Preference DPO loop", "",
-                  f"{loop['dpo_users']} DPO users x {loop['samples_per_user']} samples per round; reward = "
-                  "validation NDCG@k under the round's augmented SASRec.", "",
-                  "| round | pairs | tied users | sample reward | best of N | greedy reward | greedy after DPO "
-                  "(DPO users / all) | DPO train s | tok/s |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Preference DPO loop",
+            "",
+            f"{loop['dpo_users']} DPO users x {loop['samples_per_user']} samples per round; reward = "
+            "validation NDCG@k under the round's augmented SASRec.",
+            "",
+            "| round | pairs | tied users | sample reward | best of N | greedy reward | greedy after DPO "
+            "(DPO users / all) | DPO train s | tok/s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in loop["rounds"]:
             check = r.get("reward_check", {})
-            after = (f"{check['dpo_users']['before']:.4f} -> {check['dpo_users']['after']:.4f} / "
-                     f"{check['all_users']['before']:.4f} -> {check['all_users']['after']:.4f}") if check else "-"
+            after = (
+                (
+                    f"{check['dpo_users']['before']:.4f} -> {check['dpo_users']['after']:.4f} / "
+                    f"{check['all_users']['before']:.4f} -> {check['all_users']['after']:.4f}"
+                )
+                if check
+                else "-"
+            )
             train = r.get("train", {})
-            lines.append(f"| {r['round']} | {r['pairs']['kept']} | {r['pairs']['dropped_ties']} | "
-                         f"{r['sample_reward_mean']:.4f} | {r['sample_reward_best_mean']:.4f} | "
-                         f"{r['greedy_reward_mean']:.4f} | {after} | {train.get('train_seconds', '-')} | "
-                         f"{train.get('tokens_per_second', '-')} |")
+            lines.append(
+                f"| {r['round']} | {r['pairs']['kept']} | {r['pairs']['dropped_ties']} | "
+                f"{r['sample_reward_mean']:.4f} | {r['sample_reward_best_mean']:.4f} | "
+                f"{r['greedy_reward_mean']:.4f} | {after} | {train.get('train_seconds', '-')} | "
+                f"{train.get('tokens_per_second', '-')} |"
+            )
         lines.append("")
     rr = doc.get("rerank")
     if rr:
-        lines += ["## Re-rank job", "",
-                  f"K = {rr['k']} candidates from the served retriever; {rr['scored_users']} of {rr['users']} test "
-                  f"items are among them (recall@K {rr['candidate_recall']:.4f}), only those prompts are scored. "
-                  f"Training: {rr['train_users']} validation-step examples ({rr['train_inserted']} with the "
-                  f"target inserted); SFT {rr['sft']['train_seconds']} s, DPO {rr['dpo']['train_seconds']} s.", ""]
+        lines += [
+            "## Re-rank job",
+            "",
+            f"K = {rr['k']} candidates from the served retriever; {rr['scored_users']} of {rr['users']} test "
+            f"items are among them (recall@K {rr['candidate_recall']:.4f}), only those prompts are scored. "
+            f"Training: {rr['train_users']} validation-step examples ({rr['train_inserted']} with the "
+            f"target inserted); SFT {rr['sft']['train_seconds']} s, DPO {rr['dpo']['train_seconds']} s.",
+            "",
+        ]
     return lines
 
 

@@ -1,4 +1,4 @@
-"""Batch jobs (training/batch.py) on a tiny run, with the real engine and a real Redis.
+"""Batch jobs (dpo4rec/batch.py) on a tiny run, with the real engine and a real Redis.
 
 - ``rerank``: a job SIGKILLed mid-way (a real process, its engine included), a torn last line added
   as a kill mid-write would leave, then resumed: every request line answered exactly once, in order,
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dpo4rec import batch
+from dpo4rec.batch import preferences_job, rerank_job
 from retrieval.rundir import verify
 from tests.service.support import VERSION, build_run_dir
-from training import batch
-from training.batch import preferences_job, rerank_job
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = {"max_model_len": 1024, "max_num_seqs": 16, "json_logs": False}

@@ -18,8 +18,17 @@ from training.loop import BASE_ROW, RERANK_ROWS, aligned_row, sample_users
 from training.pipeline import run_pipeline
 
 # lr and beta far above the paper's so that a handful of steps on a random tiny model moves something.
-TRAIN = {"learning_rate": 1e-3, "batch_size": 4, "grad_accum": 1, "warmup": 0, "lr_scheduler": "constant",
-         "max_length": 512, "max_prompt_length": 480, "lora_r": 8, "lora_alpha": 16}
+TRAIN = {
+    "learning_rate": 1e-3,
+    "batch_size": 4,
+    "grad_accum": 1,
+    "warmup": 0,
+    "lr_scheduler": "constant",
+    "max_length": 512,
+    "max_prompt_length": 480,
+    "lora_r": 8,
+    "lora_alpha": 16,
+}
 
 
 def tiny_loop_config(data: Path, cache: Path, llm_dir: Path) -> dict[str, Any]:
@@ -27,16 +36,33 @@ def tiny_loop_config(data: Path, cache: Path, llm_dir: Path) -> dict[str, Any]:
         "data": {"name": str(data), "data_dir": str(cache)},
         # engine_adapters=lora: one engine scores zero-shot, SFT and SFT+DPO (merged weights would start
         # three); the merged path is checked by test_merged_policy_is_a_float32_model_folder.
-        "llm": {"model": str(llm_dir), "max_tokens": 16, "max_model_len": 1024, "history_items": 8,
-                "engine_adapters": "lora"},
+        "llm": {
+            "model": str(llm_dir),
+            "max_tokens": 16,
+            "max_model_len": 1024,
+            "history_items": 8,
+            "engine_adapters": "lora",
+        },
         # trained long enough that the preference vector moves ranks: else every sample ties, no pairs
         "retriever": {"epochs": 50, "patience": 50, "hidden": 32, "max_len": 12, "adaptor_hidden": 16},
         "eval": {"bootstrap": 50},
-        "preference_dpo": {"rounds": 1, "samples_per_user": 2, "temperature": 1.0, "max_tokens": 16,
-                           "reward_k": 80,  # NDCG over all 80 items: fewer ties than @10
-                           "train": {**TRAIN, "max_steps": 3, "beta": 0.1}},
-        "rerank": {"enabled": True, "k": 5, "train_users": 8, "recent_items": 3, "preference_chars": 200,
-                   "sft": {**TRAIN, "max_steps": 2}, "dpo": {**TRAIN, "max_steps": 2}},
+        "preference_dpo": {
+            "rounds": 1,
+            "samples_per_user": 2,
+            "temperature": 1.0,
+            "max_tokens": 16,
+            "reward_k": 80,  # NDCG over all 80 items: fewer ties than @10
+            "train": {**TRAIN, "max_steps": 3, "beta": 0.1},
+        },
+        "rerank": {
+            "enabled": True,
+            "k": 5,
+            "train_users": 8,
+            "recent_items": 3,
+            "preference_chars": 200,
+            "sft": {**TRAIN, "max_steps": 2},
+            "dpo": {**TRAIN, "max_steps": 2},
+        },
     }
 
 
@@ -47,10 +73,19 @@ def test_dpo_loop_and_rerank_job_tiny_run(tmp_path: Path, tiny_llm_dir: Path) ->
     out = tmp_path / "run"
     doc = run_pipeline(cfg, out)
 
-    required = ("llm.json", "metrics.json", "report.md", "stage_ndcg.png", "rewards.png", "dpo_curves.png",
-                "adapters/preference/adapter_config.json", "adapters/preference/adapter_model.safetensors",
-                "adapters/rerank/adapter_config.json", "adapters/rerank/adapter_model.safetensors",
-                "dpo/preference_round1_pairs.jsonl")
+    required = (
+        "llm.json",
+        "metrics.json",
+        "report.md",
+        "stage_ndcg.png",
+        "rewards.png",
+        "dpo_curves.png",
+        "adapters/preference/adapter_config.json",
+        "adapters/preference/adapter_model.safetensors",
+        "adapters/rerank/adapter_config.json",
+        "adapters/rerank/adapter_model.safetensors",
+        "dpo/preference_round1_pairs.jsonl",
+    )
     verify(out, required=required)
     systems = [r["system"] for r in doc["rows"]]
     assert systems == ["most-popular", "SASRec", BASE_ROW, aligned_row(1), *RERANK_ROWS]
@@ -137,8 +172,8 @@ def test_merged_policy_is_a_float32_model_folder(tmp_path: Path, tiny_llm_dir: P
     lora.save_pretrained(str(adapter))
     expected = lora.merge_and_unload().state_dict()
     cfg = from_dict({"llm": {"model": str(tiny_llm_dir)}})
-    inp = LoopInputs(cfg=cfg, catalog=None, split=None, users=[], model_dir=tiny_llm_dir, encoder=None,  # type: ignore[arg-type]
-                     texts={}, vectors=None, retriever=None, ranks=None)  # type: ignore[arg-type]
+    unused = dict.fromkeys(("catalog", "split", "encoder", "vectors", "retriever", "ranks"))  # policy() reads none
+    inp = LoopInputs(cfg=cfg, users=[], model_dir=tiny_llm_dir, texts={}, **unused)
     assert policy(inp, None, tmp_path) == {"model": str(tiny_llm_dir), "lora": None}
     got = policy(inp, adapter, tmp_path)
     assert got["lora"] is None and got["model"] != str(tiny_llm_dir)
@@ -149,7 +184,9 @@ def test_merged_policy_is_a_float32_model_folder(tmp_path: Path, tiny_llm_dir: P
     assert policy(inp, adapter, tmp_path) == got  # merged once, reused
     lora_cfg = from_dict({"llm": {"model": str(tiny_llm_dir), "engine_adapters": "lora"}})
     assert policy(LoopInputs(**{**vars(inp), "cfg": lora_cfg}), adapter, tmp_path) == {
-        "model": str(tiny_llm_dir), "lora": str(adapter)}
+        "model": str(tiny_llm_dir),
+        "lora": str(adapter),
+    }
 
 
 def test_sample_users_is_seeded_and_keeps_order() -> None:

@@ -3,12 +3,15 @@ run directory that verifies."""
 
 import json
 import random
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
-from retrieval.rundir import verify
+from retrieval.rundir import RunDirError, verify, write_manifest
 from training.config import from_dict
-from training.pipeline import run_pipeline
+from training.pipeline import reuse_preferences, run_pipeline
+from training.preferences import save_preferences
 
 GENRES = ["Comedy", "Drama", "Horror", "Sci-Fi", "Romance"]
 
@@ -67,3 +70,20 @@ def test_end_to_end_tiny_run(tmp_path, tiny_llm_dir):
     prefs = [json.loads(line) for line in (out / "preferences.jsonl").read_text().splitlines()]
     assert len(prefs) == 40 and all(isinstance(p["text"], str) for p in prefs)
     assert "| SASRec |" in (out / "report.md").read_text()
+
+    # the same chain again on the first run's texts (no LLM stage), with another fusion
+    again = replace(cfg, llm=replace(cfg.llm, model="/nonexistent", preferences_from=str(out)))
+    again = replace(again, retriever=replace(again.retriever, fusion="add"))
+    run_pipeline(again, tmp_path / "again")
+    assert (tmp_path / "again" / "preferences.jsonl").read_text() == (out / "preferences.jsonl").read_text()
+
+
+def test_reused_preferences_must_cover_the_users_and_come_from_training(tmp_path):
+    save_preferences(tmp_path, {"u1": "likes comedies", "u2": "likes horror"}, np.zeros((2, 4), np.float32))
+    write_manifest(tmp_path, version="v", dataset="d", config={})
+    assert reuse_preferences(tmp_path, ["u2"]) == {"u2": "likes horror"}
+    with pytest.raises(RunDirError, match="no text for 1 users"):
+        reuse_preferences(tmp_path, ["u1", "u3"])
+    write_manifest(tmp_path, version="v", dataset="d", config={}, extra={"preferences_refreshed": True})
+    with pytest.raises(RunDirError, match="refreshed from full histories"):
+        reuse_preferences(tmp_path, ["u1"])
