@@ -10,8 +10,10 @@ at every position (RecBole's ``loss_type="CE"``).
 Knowledge augmentation (DPO4Rec, Sun et al. 2024, arXiv 2410.05939): a frozen text encoder's vector of
 the user's preference text goes through a small trainable adaptor MLP and is fused with the ID-based
 representation: ``concat`` (concatenate with the sequence output, project back to ``hidden``),
-``token`` (an extra token before the sequence that every position can attend to) or ``add`` (added
-to every position's input).
+``token`` (an extra token before the sequence that every position can attend to), ``add`` (added
+to every position's input) or ``residual`` (added to every position's output through a zero-initialised
+last adaptor layer, so training starts from plain SASRec and the preference only enters as far as it
+lowers the loss).
 
 Layout: sequences are **left-padded** (``[0, 0, i1, i2, ..., in]``, newest last) and positions are
 counted from the right end, so a history gives the same representation at any padded length
@@ -31,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Fusion = Literal["concat", "token", "add"]
-FUSIONS: tuple[str, ...] = ("concat", "token", "add")
+Fusion = Literal["concat", "token", "add", "residual"]
+FUSIONS: tuple[str, ...] = ("concat", "token", "add", "residual")
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 Histories = torch.Tensor | Sequence[Sequence[int]]  # a left-padded (B, L) LongTensor or raw histories
@@ -151,6 +153,10 @@ class SASRec(nn.Module):
         self.apply(self._init_weights)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()  # padding scores 0 and gets no gradient
+            if self.adaptor is not None and cfg.fusion == "residual":
+                last = self.adaptor[-1]
+                assert isinstance(last, nn.Linear)
+                last.weight.zero_()  # h + adaptor(pref) == h at the start: plain SASRec
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -201,6 +207,8 @@ class SASRec(nn.Module):
         h = self.final_norm(x)[:, T - L :]  # (B, L, H), the preference token dropped
         if adapted is not None and self.fuse_proj is not None:
             h = self.fuse_proj(torch.cat([h, adapted[:, None, :].expand(-1, L, -1)], dim=-1))  # (B, L, H)
+        if adapted is not None and self.cfg.fusion == "residual":
+            h = h + adapted[:, None, :]  # (B, L, H)
         return h
 
     def forward(self, seq: torch.Tensor, pref: torch.Tensor | None = None) -> torch.Tensor:

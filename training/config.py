@@ -64,7 +64,7 @@ class RetrieverSection:
     heads: int = 2
     dropout: float = 0.2
     max_len: int = 50  # items of history the model sees
-    fusion: str = "concat"  # how the preference vector joins: concat | token | add
+    fusion: str = "concat"  # how the preference vector joins: concat | token | add | residual
     adaptor_hidden: int = 128
     epochs: int = 200
     patience: int = 10  # epochs without validation NDCG@10 gain before stopping
@@ -78,8 +78,8 @@ class RetrieverSection:
     def __post_init__(self) -> None:
         if self.windows not in ("all", "last"):
             raise ValueError(f"retriever.windows must be all or last, not {self.windows!r}")
-        if self.fusion not in ("concat", "token", "add"):
-            raise ValueError(f"retriever.fusion must be concat, token or add, not {self.fusion!r}")
+        if self.fusion not in ("concat", "token", "add", "residual"):
+            raise ValueError(f"retriever.fusion must be concat, token, add or residual, not {self.fusion!r}")
 
 
 @dataclass

@@ -11,8 +11,8 @@ import torch
 from retrieval.sasrec import SASRec, SASRecConfig, pad_sequences
 
 N, L, D = 30, 10, 8
-VARIANTS = [(0, "concat"), (D, "concat"), (D, "token"), (D, "add")]
-IDS = ["plain", "concat", "token", "add"]
+VARIANTS = [(0, "concat"), (D, "concat"), (D, "token"), (D, "add"), (D, "residual")]
+IDS = ["plain", "concat", "token", "add", "residual"]
 
 
 @pytest.fixture(autouse=True)
@@ -149,3 +149,16 @@ def test_loss_decreases_and_padding_gets_no_gradient(pref_dim, fusion):
         optimizer.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_residual_fusion_starts_as_plain_sasrec_and_learns_from_the_preference():
+    plain, fused = make(0, "concat"), make(D, "residual")
+    missing, unexpected = fused.load_state_dict(plain.state_dict(), strict=False)  # the shared weights
+    assert not unexpected and all(k.startswith("adaptor.") for k in missing)
+    seq, pref = batch(D)
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(seq), fused.eval()(seq, pref))
+    target = torch.tensor([[0] * (L - 1) + [4]] * 3)
+    fused.train()
+    fused.calculate_loss(seq, target, pref).backward()
+    assert fused.adaptor[-1].weight.grad.abs().sum() > 0  # the zero layer gets a gradient
