@@ -182,8 +182,14 @@ class SASRec(nn.Module):
         elif pref.shape != (seq.size(0), self.cfg.pref_dim):
             raise ValueError(f"pref must be ({seq.size(0)}, {self.cfg.pref_dim}), got {tuple(pref.shape)}")
 
-    def encode(self, seq: torch.Tensor, pref: torch.Tensor | None = None) -> torch.Tensor:
-        """Fused representation at every position: (B, L) [+ (B, D)] -> (B, L, H)."""
+    def encode(
+        self, seq: torch.Tensor, pref: torch.Tensor | None = None, pref_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Fused representation at every position: (B, L) [+ (B, D)] -> (B, L, H).
+
+        ``pref_mask`` (B, L), training only: 0 where a position must not see the preference (fusions
+        add, residual and concat; the token fusion has no per-position preference).
+        """
         self._check_inputs(seq, pref)
         B, L = seq.shape
         positions = torch.arange(self.cfg.max_len - L, self.cfg.max_len, device=seq.device)  # (L,)
@@ -192,8 +198,13 @@ class SASRec(nn.Module):
         x = self.item_embedding(seq) + self.position_embedding(positions)  # (B, L, H)
         valid = seq > 0  # (B, L)
         adapted = self.adaptor(pref.to(x.dtype)) if self.adaptor is not None and pref is not None else None
-        if adapted is not None and self.cfg.fusion == "add":
-            x = x + adapted[:, None, :]  # (B, L, H)
+        per_position = None  # (B, L, H) the adapted preference as each position sees it
+        if adapted is not None:
+            per_position = adapted[:, None, :].expand(-1, L, -1)
+            if pref_mask is not None:
+                per_position = per_position * pref_mask[..., None].to(x.dtype)
+        if per_position is not None and self.cfg.fusion == "add":
+            x = x + per_position  # (B, L, H)
         if adapted is not None and self.pref_token is not None:  # token: prepend, attended by all
             x = torch.cat([(adapted + self.pref_token)[:, None, :], x], dim=1)  # (B, 1+L, H)
             valid = torch.cat([valid.new_ones((B, 1)), valid], dim=1)  # (B, 1+L)
@@ -205,10 +216,10 @@ class SASRec(nn.Module):
         for block in self.blocks:
             x = block(x, allowed)
         h = self.final_norm(x)[:, T - L :]  # (B, L, H), the preference token dropped
-        if adapted is not None and self.fuse_proj is not None:
-            h = self.fuse_proj(torch.cat([h, adapted[:, None, :].expand(-1, L, -1)], dim=-1))  # (B, L, H)
-        if adapted is not None and self.cfg.fusion == "residual":
-            h = h + adapted[:, None, :]  # (B, L, H)
+        if per_position is not None and self.fuse_proj is not None:
+            h = self.fuse_proj(torch.cat([h, per_position], dim=-1))  # (B, L, H)
+        if per_position is not None and self.cfg.fusion == "residual":
+            h = h + per_position  # (B, L, H)
         return h
 
     def forward(self, seq: torch.Tensor, pref: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,12 +228,19 @@ class SASRec(nn.Module):
 
     # ---- training -----------------------------------------------------------------------------------
 
-    def calculate_loss(self, seq: torch.Tensor, pos: torch.Tensor, pref: torch.Tensor | None = None) -> torch.Tensor:
+    def calculate_loss(
+        self,
+        seq: torch.Tensor,
+        pos: torch.Tensor,
+        pref: torch.Tensor | None = None,
+        pref_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mean cross-entropy of the next item over all items, at every non-padding target.
 
-        seq: (B, L) inputs; pos: (B, L) next item at each position, 0 where there is none.
+        seq: (B, L) inputs; pos: (B, L) next item at each position, 0 where there is none;
+        pref_mask: (B, L), 0 where that position trains without the preference (see ``encode``).
         """
-        h = self.encode(seq, pref)  # (B, L, H)
+        h = self.encode(seq, pref, pref_mask)  # (B, L, H)
         keep = pos > 0  # (B, L)
         logits = h[keep] @ self.item_embedding.weight.T  # (M, N+1)
         logits[:, 0] = float("-inf")  # padding is never a candidate

@@ -64,8 +64,12 @@ class RetrieverSection:
     heads: int = 2
     dropout: float = 0.2
     max_len: int = 50  # items of history the model sees
-    fusion: str = "concat"  # how the preference vector joins: concat | token | add | residual
+    # how the preference vector joins: concat | token | add | residual (docs/RESULTS.md: residual is the best here)
+    fusion: str = "residual"
     adaptor_hidden: int = 128
+    # Train positions whose target the preference text was written from without the preference
+    # (training/retriever.py train_retriever): the text names those items, a live next item never.
+    mask_described: bool = True
     epochs: int = 200
     patience: int = 10  # epochs without validation NDCG@10 gain before stopping
     batch_size: int = 128

@@ -101,7 +101,10 @@ def _train_sasrec(
     )
     train_seqs = {u: split.users[u].train for u in users}
     valid = {u: split.users[u].valid for u in users}
-    return train_retriever(train_cfg, model_cfg, train_seqs, valid, prefs, progress=True)
+    described = None  # the items each preference text was written from (the prompt's newest items)
+    if prefs is not None and r.mask_described:
+        described = {u: train_seqs[u][-cfg.llm.history_items :] for u in users}
+    return train_retriever(train_cfg, model_cfg, train_seqs, valid, prefs, progress=True, described=described)
 
 
 def _served_histories(split: Split, users: list[str]) -> dict[str, list[int]]:

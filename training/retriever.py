@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -142,7 +142,10 @@ def _training_tensors(
     prefs: Mapping[U, np.ndarray] | None,
     max_len: int,
     all_windows: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    described: Mapping[U, Collection[int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Inputs, targets (S, L), preference rows (S, D) and, with ``described``, the preference mask (S, L):
+    0 where the target is an item the user's preference text was written from."""
     owners: list[U] = []
     inputs: list[list[int]] = []
     targets: list[list[int]] = []
@@ -153,7 +156,16 @@ def _training_tensors(
             targets.append(y)
     if not inputs:
         raise ValueError("no training sequence has 2 or more items: nothing to learn from")
-    return pad_sequences(inputs, max_len), pad_sequences(targets, max_len), _pref_matrix(prefs, owners)
+    pos = pad_sequences(targets, max_len)
+    mask = None
+    if described is not None and prefs is not None:
+        mask = torch.ones_like(pos, dtype=torch.float32)  # (S, L)
+        for row, user in enumerate(owners):
+            hidden = set(described.get(user, ()))
+            for col, item in enumerate(pos[row].tolist()):
+                if item in hidden:
+                    mask[row, col] = 0.0
+    return pad_sequences(inputs, max_len), pos, _pref_matrix(prefs, owners), mask
 
 
 def train_retriever(
@@ -163,9 +175,15 @@ def train_retriever(
     valid: Mapping[U, int],
     prefs: Mapping[U, np.ndarray] | None = None,
     progress: bool = True,
+    described: Mapping[U, Collection[int]] | None = None,
 ) -> tuple[SASRec, list[dict[str, Any]]]:
     """Train SASRec on ``train_seqs``; early-stop on validation NDCG@10; return the best model (eval mode)
-    and the history (one dict per validation: epoch, loss, seconds and every metric of ``summarize``)."""
+    and the history (one dict per validation: epoch, loss, seconds and every metric of ``summarize``).
+
+    ``described[u]``: the items user u's preference text was written from. A position whose target is
+    one of them trains without the preference: the text names that very item, which a live request's
+    next item never is (seen items are not recommended), so the model would learn to follow the text
+    to items it can never recommend."""
     max_len = cfg.max_len or model_cfg.max_len
     if max_len > model_cfg.max_len:
         raise ValueError(f"training max_len {max_len} exceeds the model's max_len {model_cfg.max_len}")
@@ -182,7 +200,7 @@ def train_retriever(
         forked = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=forked):  # seeding here leaves the caller's RNG alone
             torch.manual_seed(cfg.seed)
-            return _fit(cfg, model_cfg, train_seqs, valid, prefs, val_users, max_len, progress)
+            return _fit(cfg, model_cfg, train_seqs, valid, prefs, val_users, max_len, progress, described)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -196,10 +214,13 @@ def _fit(
     val_users: list[U],
     max_len: int,
     progress: bool,
+    described: Mapping[U, Collection[int]] | None = None,
 ) -> tuple[SASRec, list[dict[str, Any]]]:
     device = torch.device(cfg.device)
     model = SASRec(model_cfg).to(device)
-    inputs, targets, pref = _training_tensors(train_seqs, prefs, max_len, cfg.windows == "all")  # (S, L)
+    inputs, targets, pref, pref_mask = _training_tensors(  # (S, L), (S, L), (S, D), (S, L)
+        train_seqs, prefs, max_len, cfg.windows == "all", described
+    )
     shuffle = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: list[dict[str, Any]] = []
@@ -212,7 +233,8 @@ def _fit(
         for batch in torch.randperm(len(inputs), generator=shuffle).split(cfg.batch_size):
             seq, pos = inputs[batch].to(device), targets[batch].to(device)  # (b, L), (b, L)
             p = pref[batch].to(device) if pref is not None else None  # (b, D)
-            loss = model.calculate_loss(seq, pos, p)
+            m = pref_mask[batch].to(device) if pref_mask is not None else None  # (b, L)
+            loss = model.calculate_loss(seq, pos, p, m)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -192,39 +192,3 @@ def test_lora_adapter_changes_the_scores(async_tiny: AsyncHarness, tiny_lora_dir
     assert np.abs(adapted - base).max() > 1e-3
     again = async_tiny.run(ascore_labels(async_tiny.engine, prompt, ids))
     np.testing.assert_allclose(again, base, atol=1e-5)  # the adapter applies per request only
-
-
-# ---- the real default model (opt-in: another engine start, about a minute on this CPU) -------------
-
-REAL_LLM = "DPO4REC_REAL_LLM_TESTS"
-
-
-@pytest.fixture(scope="module")
-def smollm2_llm(request: pytest.FixtureRequest) -> Iterator[LLM]:
-    import os
-
-    from llm.engine import make_llm, shutdown_llm
-
-    if os.environ.get(REAL_LLM) != "1":
-        pytest.skip(f"starts a second engine on the real SmolLM2; set {REAL_LLM}=1 to run")
-    smollm2_dir: Path = request.getfixturevalue("smollm2_dir")  # converted only when this runs
-    llm = make_llm(EngineConfig(model=str(smollm2_dir), max_model_len=2048, max_num_seqs=8))
-    try:
-        yield llm
-    finally:
-        shutdown_llm(llm)
-
-
-@pytest.mark.engine
-def test_smollm2_writes_an_english_preference_and_scores_labels(smollm2_llm: LLM) -> None:
-    tokenizer = smollm2_llm.get_tokenizer()
-    prompt = render(tokenizer, preference_messages(HISTORY, PromptConfig()))
-    gen = GenerationConfig(max_tokens=60, repetition_penalty=1.1)
-    (text,) = generate(smollm2_llm, [prompt], gen, progress=False)[0]
-    words = text.lower().split()
-    assert len(words) >= 20, text
-    assert sum(ch.isascii() for ch in text) / len(text) > 0.95, text
-    assert len({"the", "and", "of", "to", "a", "user", "they", "their", "is"} & set(words)) >= 3, text
-    rerank, ids = rerank_prompt(tokenizer, 20, preference=text)
-    (scores,) = score_labels(smollm2_llm, [rerank], [ids])
-    assert np.isfinite(scores).all() and np.exp(scores).sum() == pytest.approx(1.0, abs=1e-3)

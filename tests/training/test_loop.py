@@ -44,7 +44,16 @@ def tiny_loop_config(data: Path, cache: Path, llm_dir: Path) -> dict[str, Any]:
             "engine_adapters": "lora",
         },
         # trained long enough that the preference vector moves ranks: else every sample ties, no pairs
-        "retriever": {"epochs": 50, "patience": 50, "hidden": 32, "max_len": 12, "adaptor_hidden": 16},
+        # concat, unmasked: a random-init fusion moves ranks from the first step (residual starts at zero)
+        "retriever": {
+            "epochs": 50,
+            "patience": 50,
+            "hidden": 32,
+            "max_len": 12,
+            "adaptor_hidden": 16,
+            "fusion": "concat",
+            "mask_described": False,
+        },
         "eval": {"bootstrap": 50},
         "preference_dpo": {
             "rounds": 1,

@@ -89,7 +89,7 @@ def plain_group_ndcg() -> float:
     return max(row["NDCG@10"] for row in history)
 
 
-@pytest.mark.parametrize("fusion", ["concat", "token", "add"])
+@pytest.mark.parametrize("fusion", ["concat", "token", "add", "residual"])
 def test_preferences_carrying_signal_beat_plain_sasrec(plain_group_ndcg, fusion):
     train, valid, prefs = group_users()
     assert plain_group_ndcg < 0.9  # can only guess the group: about (1 + 1/log2(3)) / 2 = 0.82 at best
@@ -158,3 +158,14 @@ def test_inputs_are_checked():
     for bad in ({"epochs": 0}, {"lr": 0.0}, {"windows": "some"}, {"patience": 0}, {"num_threads": -1}):
         with pytest.raises(ValueError):
             RetrieverTrainConfig(**bad)
+
+
+def test_positions_whose_target_the_text_describes_train_without_the_preference():
+    from training.retriever import _training_tensors
+
+    seqs = {"a": [1, 2, 3, 4], "b": [5, 6]}
+    prefs = {"a": np.ones(3, np.float32), "b": np.ones(3, np.float32)}
+    inputs, targets, pref, mask = _training_tensors(seqs, prefs, 4, True, described={"a": [3, 4]})
+    assert targets.tolist() == [[0, 2, 3, 4], [0, 0, 0, 6]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]  # a's targets 3 and 4 are in its text
+    assert _training_tensors(seqs, prefs, 4, True)[3] is None
