@@ -15,6 +15,7 @@ history), the candidate list last.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,7 +72,7 @@ class PromptConfig:
 
 def format_item(item: HistoryItem, config: PromptConfig, with_rating: bool = True) -> str:
     """One line of text for an item: ``Title (1995) | Animation, Comedy | rated 4/5``."""
-    title = _cut(" ".join(item.title.split()), config.max_title_chars)
+    title = _cut(natural_title(" ".join(item.title.split())), config.max_title_chars)
     # MovieLens titles already end with "(1995)": do not say the year twice.
     if item.year is not None and f"({item.year})" not in title:
         title = f"{title} ({item.year})"
@@ -83,6 +84,23 @@ def format_item(item: HistoryItem, config: PromptConfig, with_rating: bool = Tru
             f"rated {_number(item.rating)}" + (f"/{_number(config.rating_scale)}" if config.rating_scale else "")
         )
     return " | ".join(parts)
+
+
+# Library catalogues (MovieLens among them) file titles under their first significant word:
+# "Clash of the Titans, The (1981)", "Misérables, Les". A small LLM reading those copies "The (1981)".
+_TRAILING_ARTICLE = re.compile(
+    r"^(?P<body>.+?), (?P<article>The|A|An|La|Le|Les|L'|Il|El|Los|Las|Der|Die|Das|Det|Den)(?P<rest> \(.*\))?$"
+)
+
+
+def natural_title(title: str) -> str:
+    """``"Clash of the Titans, The (1981)"`` -> ``"The Clash of the Titans (1981)"``; other titles unchanged."""
+    match = _TRAILING_ARTICLE.match(title)
+    if match is None:
+        return title
+    article = match["article"]
+    joiner = "" if article.endswith("'") else " "
+    return f"{article}{joiner}{match['body']}{match['rest'] or ''}"
 
 
 def preference_messages(history: Sequence[HistoryItem], config: PromptConfig) -> list[Message]:

@@ -11,6 +11,7 @@ from llm.prompts import (
     PromptConfig,
     answer_message,
     format_item,
+    natural_title,
     preference_messages,
     render,
     rerank_messages,
@@ -36,6 +37,28 @@ def test_format_item_does_not_repeat_the_year_and_prints_the_rating_scale() -> N
     assert format_item(HISTORY[-1], CONFIG) == "Heat (1995) | Action, Crime | rated 4.5/5"
     assert "rated" not in format_item(HISTORY[-1], CONFIG, with_rating=False)
     assert format_item(HistoryItem("x" * 500), CONFIG).endswith("...")
+
+
+@pytest.mark.parametrize(
+    ("filed", "natural"),
+    [
+        ("Clash of the Titans, The (1981)", "The Clash of the Titans (1981)"),
+        ("Clash of the Titans, The", "The Clash of the Titans"),
+        ("Misérables, Les", "Les Misérables"),
+        ("Homme et une femme, Un", "Homme et une femme, Un"),  # not in the article list: unchanged
+        ("Appartement, L'", "L'Appartement"),
+        ("Truth or Consequences, N.M. (1997)", "Truth or Consequences, N.M. (1997)"),
+        ("To Wong Foo, Thanks for Everything! Julie Newmar", "To Wong Foo, Thanks for Everything! Julie Newmar"),
+        ("Theater, The Movie", "Theater, The Movie"),
+    ],
+)
+def test_natural_title_moves_a_trailing_article_to_the_front(filed: str, natural: str) -> None:
+    assert natural_title(filed) == natural
+
+
+def test_format_item_prints_catalogue_titles_in_reading_order() -> None:
+    line = format_item(HistoryItem("Clash of the Titans, The", ("Action",), year=1981), CONFIG, with_rating=False)
+    assert line == "The Clash of the Titans (1981) | Action"
 
 
 def test_preference_prompt_shows_the_most_recent_history_and_the_factors() -> None:
