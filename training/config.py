@@ -101,7 +101,9 @@ class PreferenceDPOSection:
     temperature: float = 1.0  # not stated in the paper; the N samples must differ
     top_p: float = 0.95  # not stated in the paper
     max_tokens: int | None = None  # sample length; None = llm.max_tokens (the greedy texts' budget)
-    reward_k: int = 10  # reward = NDCG@reward_k of the validation item
+    # reward = NDCG@reward_k of the validation item; None = over the full ranking (1 / log2(rank + 2)):
+    # no cut-off where every sample of a user ties at 0, and no jump of a whole rank step at the cut-off
+    reward_k: int | None = 10
     min_margin: float = 0.0  # drop pairs whose reward gap is smaller (paper: only all-tie users are dropped)
     max_users: int | None = None  # DPO users: a seeded sample of this many pipeline users; None = all
     seed: int = 0  # user sample and sampling seeds
@@ -119,8 +121,8 @@ class PreferenceDPOSection:
             )
         if self.max_tokens is not None and self.max_tokens < 8:
             raise ValueError(f"preference_dpo.max_tokens must be >= 8 or null (llm.max_tokens), got {self.max_tokens}")
-        if self.reward_k < 1:
-            raise ValueError(f"preference_dpo.reward_k must be >= 1, got {self.reward_k}")
+        if self.reward_k is not None and self.reward_k < 1:
+            raise ValueError(f"preference_dpo.reward_k must be >= 1 or null (full ranking), got {self.reward_k}")
         if self.min_margin < 0:
             raise ValueError(f"preference_dpo.min_margin must be >= 0, got {self.min_margin}")
         if self.max_users is not None and self.max_users < 1:

@@ -75,14 +75,16 @@ def rewards(
     encoder_vectors: np.ndarray,
     user_seqs: Sequence[Sequence[int]],
     valid_items: Sequence[int],
-    k: int = 10,
+    k: int | None = 10,
     batch_size: int = 512,
 ) -> np.ndarray:
-    """NDCG@k (U, N) float64 of each user's validation item under each of their N preference texts.
+    """NDCG@k (U, N) float64 of each user's validation item under each of their N preference texts;
+    ``k=None``: over the full ranking, ``1 / log2(rank + 2)`` for every rank.
 
     See :func:`validation_ranks` for the inputs; :func:`reward_inputs` builds them from a split.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    if k is not None and k < 1:
+        raise ValueError(f"k must be >= 1 or None (full ranking), got {k}")
     ranks = validation_ranks(model, encoder_vectors, user_seqs, valid_items, batch_size)  # (U, N)
+    k = model.cfg.num_items if k is None else k  # no rank reaches num_items: nothing is cut
     return M.per_user(ranks.ravel(), ks=(k,))[f"NDCG@{k}"].reshape(ranks.shape)

@@ -81,6 +81,8 @@ def test_rewards_match_hand_computed_ndcg() -> None:
     np.testing.assert_allclose(got, 1.0 / np.log2(expected_ranks + 2.0))
     # k=3: ranks 3 and 4 fall outside the top 3 and earn nothing
     np.testing.assert_allclose(rewards(model, vectors, seqs, valid, k=3), [[0.5, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    # k=None: the full ranking, no cut-off; the lowest possible rank (4 of 5 unseen items) still earns
+    np.testing.assert_allclose(rewards(model, vectors, seqs, valid, k=None), 1.0 / np.log2(expected_ranks + 2.0))
 
 
 def test_batching_does_not_change_rewards() -> None:
