@@ -124,6 +124,14 @@ def preference_messages(history: Sequence[HistoryItem], config: PromptConfig) ->
     return [_system(config.system_preference, config), {"role": "user", "content": user}]
 
 
+def history_text(history: Sequence[HistoryItem], config: PromptConfig) -> str:
+    """The items the preference prompt shows, as one line, oldest first: the no-LLM control text
+    (``llm.preference_source: history``), so a run can tell what the LLM adds to its own input."""
+    if not history:
+        raise ValueError("history_text needs at least one history item")
+    return "; ".join(format_item(item, config) for item in list(history)[-config.max_history :])
+
+
 def rerank_messages(
     preference: str,
     recent: Sequence[HistoryItem],

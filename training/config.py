@@ -49,8 +49,14 @@ class LLMSection:
     # the training part of the histories, i.e. written by `dpo4rec train`, not by a preference refresh):
     # retrain or ablate the retriever without paying the LLM stage again.
     preferences_from: str | None = None
+    # "llm": the LLM writes each user's preference. "history": no LLM; the text is the history lines the
+    # prompt would show (the control that says what the LLM adds to its own input; row "SASRec + history
+    # text (no LLM)"; no DPO loop or re-rank job).
+    preference_source: str = "llm"
 
     def __post_init__(self) -> None:
+        if self.preference_source not in ("llm", "history"):
+            raise ValueError(f"llm.preference_source must be llm or history, not {self.preference_source!r}")
         if self.max_tokens < 8:
             raise ValueError("llm.max_tokens must be >= 8; a preference needs some words")
         if self.engine_adapters not in ("merged", "lora"):
@@ -166,6 +172,13 @@ class PipelineConfig:
     preference_dpo: PreferenceDPOSection = field(default_factory=PreferenceDPOSection)
     rerank: RerankSection = field(default_factory=RerankSection)
     max_users: int | None = None  # evaluate/train on the first N users only (smoke runs)
+
+    def __post_init__(self) -> None:
+        if self.llm.preference_source == "history" and (self.preference_dpo.rounds or self.rerank.enabled):
+            raise ValueError(
+                "llm.preference_source=history is the no-LLM control: it needs preference_dpo.rounds=0 and "
+                "rerank.enabled=false"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

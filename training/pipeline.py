@@ -32,12 +32,15 @@ from retrieval.sasrec import SASRec, SASRecConfig
 from training import metrics as M
 from training.config import PipelineConfig
 from training.data import Dataset, load_dataset
-from training.preferences import load_preferences, preference_prompts, save_preferences
+from training.preferences import history_texts, load_preferences, preference_prompts, save_preferences
 from training.report import write_report
 from training.retriever import RetrieverTrainConfig, score_users, train_retriever
 from training.split import Split, leave_one_out
 
 log = logging.getLogger(__name__)
+
+# the row of the SASRec with preference texts, by llm.preference_source
+PREFERENCE_ROWS = {"llm": "SASRec + base-LLM preferences", "history": "SASRec + history text (no LLM)"}
 
 
 class StageTimer:
@@ -256,8 +259,13 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
         plain, plain_curve = _train_sasrec(cfg, catalog, split, users, None, 0)
         ranks["SASRec"] = ranks_on_test(score_users(plain, test_seqs, None, users), split, users)
     samples = None  # with the DPO loop on, its round-1 samples come from the same engine (one start less)
+    pref_row = PREFERENCE_ROWS[cfg.llm.preference_source]
     with timer("preferences_llm"):
-        if cfg.llm.preferences_from:
+        if cfg.llm.preference_source == "history":
+            texts = history_texts(
+                catalog, prompt_histories(split, users), PromptConfig(max_history=cfg.llm.history_items)
+            )
+        elif cfg.llm.preferences_from:
             texts = reuse_preferences(Path(cfg.llm.preferences_from), users)
         elif cfg.preference_dpo.rounds:
             texts, samples = _base_preferences_and_samples(cfg, catalog, split, users)
@@ -271,7 +279,7 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
     with timer("sasrec_pref"):
         augmented, aug_curve = _train_sasrec(cfg, catalog, split, users, prefs, vectors.shape[1])
         aug_scores = score_users(augmented, test_seqs, prefs, users)
-        ranks["SASRec + base-LLM preferences"] = ranks_on_test(aug_scores, split, users)
+        ranks[pref_row] = ranks_on_test(aug_scores, split, users)
     loop = None  # the DPO loop and the re-rank job (training/loop.py), only when the config enables them
     if cfg.preference_dpo.rounds or cfg.rerank.enabled:
         loop = _run_loop(
@@ -283,7 +291,7 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
             texts,
             vectors,
             augmented,
-            ranks["SASRec + base-LLM preferences"],
+            ranks[pref_row],
             samples,
             timer,
         )
@@ -299,7 +307,7 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
     per_user = {name: M.per_user(r) for name, r in ranks.items()}
     comparisons = [
         {"a": a, "b": b, "metric": m, **M.bootstrap_diff(per_user[a][m], per_user[b][m], n_boot=cfg.eval.bootstrap)}
-        for a, b in (("SASRec + base-LLM preferences", "SASRec"), ("SASRec", "most-popular"))
+        for a, b in ((pref_row, "SASRec"), ("SASRec", "most-popular"))
         for m in ("NDCG@10", "Recall@10")
     ] + (loop.comparisons if loop else [])
     version = f"{dataset.name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
@@ -310,7 +318,7 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
         "comparisons": comparisons,
         "index_recall_at_20_vs_exact": index_recall,
         "stage_seconds": timer.seconds,
-        "curves": {"SASRec": plain_curve, "SASRec + base-LLM preferences": aug_curve, **(loop.curves if loop else {})},
+        "curves": {"SASRec": plain_curve, pref_row: aug_curve, **(loop.curves if loop else {})},
     }
     if loop:  # the retriever the run serves, reward distributions, DPO curves, loop and re-rank details
         metrics_doc.update({"served_retriever": loop.served_row, **loop.doc})

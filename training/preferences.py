@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.prompts import HistoryItem, PromptConfig, preference_messages, render
+from llm.prompts import HistoryItem, PromptConfig, history_text, preference_messages, render
 from retrieval.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,16 @@ def preference_prompts(
     """Rendered chat prompts per user from (items, ratings) histories."""
     return {
         user: render(tokenizer, preference_messages(history_items(catalog, items, ratings), prompt_cfg))
+        for user, (items, ratings) in histories.items()
+    }
+
+
+def history_texts(
+    catalog: Catalog, histories: dict[str, tuple[list[int], list[float] | None]], prompt_cfg: PromptConfig
+) -> dict[str, str]:
+    """Per user, the history lines the preference prompt would show, without any LLM (the control)."""
+    return {
+        user: history_text(history_items(catalog, items, ratings), prompt_cfg)
         for user, (items, ratings) in histories.items()
     }
 

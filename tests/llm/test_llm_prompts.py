@@ -11,6 +11,7 @@ from llm.prompts import (
     PromptConfig,
     answer_message,
     format_item,
+    history_text,
     natural_title,
     preference_messages,
     render,
@@ -72,6 +73,17 @@ def test_preference_prompt_shows_the_most_recent_history_and_the_factors() -> No
         assert factor in text
     assert f"about {CONFIG.preference_words} words" in text
     assert text.index("Old Movie 12") < text.index("Toy Story") < text.index("Heat")  # oldest first
+
+
+def test_history_text_is_the_prompts_item_lines_without_the_instructions() -> None:
+    text = history_text(HISTORY, CONFIG)
+    shown = HISTORY[-CONFIG.max_history :]
+    assert text == "; ".join(format_item(item, CONFIG) for item in shown)
+    prompt = user_text(preference_messages(HISTORY, CONFIG))
+    assert all(f"{i}. {format_item(item, CONFIG)}\n" in prompt for i, item in enumerate(shown, start=1))
+    assert "Old Movie 11 (1961)" not in text and text.endswith("Heat (1995) | Action, Crime | rated 4.5/5")
+    with pytest.raises(ValueError, match="at least one"):
+        history_text([], CONFIG)
 
 
 def test_preference_prompt_without_ratings_does_not_mention_them() -> None:

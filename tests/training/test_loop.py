@@ -7,81 +7,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
-from test_pipeline import write_tiny_dataset  # same directory
 
 from retrieval.rundir import verify
 from training.config import from_dict, load_config
 from training.loop import BASE_ROW, RERANK_ROWS, aligned_row, sample_users
-from training.pipeline import run_pipeline
-
-# lr and beta far above the paper's so that a handful of steps on a random tiny model moves something.
-TRAIN = {
-    "learning_rate": 1e-3,
-    "batch_size": 4,
-    "grad_accum": 1,
-    "warmup": 0,
-    "lr_scheduler": "constant",
-    "max_length": 512,
-    "max_prompt_length": 480,
-    "lora_r": 8,
-    "lora_alpha": 16,
-}
-
-
-def tiny_loop_config(data: Path, cache: Path, llm_dir: Path) -> dict[str, Any]:
-    return {
-        "data": {"name": str(data), "data_dir": str(cache)},
-        # engine_adapters=lora: one engine scores zero-shot, SFT and SFT+DPO (merged weights would start
-        # three); the merged path is checked by test_merged_policy_is_a_float32_model_folder.
-        "llm": {
-            "model": str(llm_dir),
-            "max_tokens": 16,
-            "max_model_len": 1024,
-            "history_items": 8,
-            "engine_adapters": "lora",
-        },
-        # trained long enough that the preference vector moves ranks: else every sample ties, no pairs
-        # concat, unmasked: a random-init fusion moves ranks from the first step (residual starts at zero)
-        "retriever": {
-            "epochs": 50,
-            "patience": 50,
-            "hidden": 32,
-            "max_len": 12,
-            "adaptor_hidden": 16,
-            "fusion": "concat",
-            "mask_described": False,
-        },
-        "eval": {"bootstrap": 50},
-        "preference_dpo": {
-            "rounds": 1,
-            "samples_per_user": 2,
-            "temperature": 1.0,
-            "max_tokens": 16,
-            "reward_k": 80,  # NDCG over all 80 items: fewer ties than @10
-            "train": {**TRAIN, "max_steps": 3, "beta": 0.1},
-        },
-        "rerank": {
-            "enabled": True,
-            "k": 5,
-            "train_users": 8,
-            "recent_items": 3,
-            "preference_chars": 200,
-            "sft": {**TRAIN, "max_steps": 2},
-            "dpo": {**TRAIN, "max_steps": 2},
-        },
-    }
 
 
 @pytest.mark.engine
-def test_dpo_loop_and_rerank_job_tiny_run(tmp_path: Path, tiny_llm_dir: Path) -> None:
-    data = write_tiny_dataset(tmp_path / "tiny")
-    cfg = from_dict(tiny_loop_config(data, tmp_path / "cache", tiny_llm_dir))
-    out = tmp_path / "run"
-    doc = run_pipeline(cfg, out)
-
+def test_dpo_loop_and_rerank_job_tiny_run(tiny_loop_run) -> None:
+    out, doc = tiny_loop_run.out, tiny_loop_run.doc
     required = (
         "llm.json",
         "metrics.json",
@@ -164,6 +100,10 @@ def test_config_errors_say_what_to_fix() -> None:
         from_dict({"preference_dpo": {"train": {"beta": 0}}})
     with pytest.raises(ValueError, match=r"rerank\.k"):
         from_dict({"rerank": {"k": 100}})
+    with pytest.raises(ValueError, match="no-LLM control: it needs preference_dpo.rounds=0"):
+        from_dict({"llm": {"preference_source": "history"}, "preference_dpo": {"rounds": 1}})
+    with pytest.raises(ValueError, match="preference_source must be llm or history"):
+        from_dict({"llm": {"preference_source": "bm25"}})
 
 
 def test_merged_policy_is_a_float32_model_folder(tmp_path: Path, tiny_llm_dir: Path) -> None:

@@ -2,52 +2,21 @@
 run directory that verifies."""
 
 import json
-import random
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from tiny import write_tiny_dataset  # same directory
 
 from retrieval.rundir import RunDirError, verify, write_manifest
 from training.config import from_dict
 from training.pipeline import reuse_preferences, run_pipeline
 from training.preferences import save_preferences
 
-GENRES = ["Comedy", "Drama", "Horror", "Sci-Fi", "Romance"]
-
-
-def write_tiny_dataset(folder, users=40, items=80, seed=0):
-    """RecBole atomic files where each user mostly watches one genre, in a time order."""
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "tiny.item", "w") as f:
-        f.write("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n")
-        for i in range(1, items + 1):
-            f.write(f"{i}\tMovie {i}\t{1980 + i % 30}\t{GENRES[i % len(GENRES)]}\n")
-    with open(folder / "tiny.inter", "w") as f:
-        f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
-        for u in range(users):
-            genre = u % len(GENRES)
-            liked = [i for i in range(1, items + 1) if i % len(GENRES) == genre]
-            picks = rng.sample(liked, 10) + rng.sample(range(1, items + 1), 4)
-            for t, item in enumerate(picks):
-                f.write(f"u{u}\t{item}\t{rng.randint(1, 5)}\t{1000 + t}\n")
-    return folder
-
 
 @pytest.mark.engine
-def test_end_to_end_tiny_run(tmp_path, tiny_llm_dir):
-    data = write_tiny_dataset(tmp_path / "tiny")
-    cfg = from_dict(
-        {
-            "data": {"name": str(data), "data_dir": str(tmp_path / "cache")},
-            "llm": {"model": str(tiny_llm_dir), "max_tokens": 16, "max_model_len": 1024, "history_items": 8},
-            "retriever": {"epochs": 3, "patience": 2, "hidden": 16, "max_len": 12, "adaptor_hidden": 16},
-            "eval": {"bootstrap": 50},
-        }
-    )
-    out = tmp_path / "run"
-    doc = run_pipeline(cfg, out)
+def test_end_to_end_tiny_run(tiny_loop_run, tmp_path):
+    out, doc = tiny_loop_run.out, tiny_loop_run.doc
     manifest = verify(
         out,
         required=(
@@ -63,7 +32,7 @@ def test_end_to_end_tiny_run(tmp_path, tiny_llm_dir):
     )
     assert manifest["dataset"] == "tiny"
     systems = [r["system"] for r in doc["rows"]]
-    assert systems == ["most-popular", "SASRec", "SASRec + base-LLM preferences"]
+    assert systems[:3] == ["most-popular", "SASRec", "SASRec + base-LLM preferences"]
     for row in doc["rows"]:
         assert row["users"] == 40 and 0.0 <= row["NDCG@10"] <= row["Recall@10"] <= 1.0
     assert doc["index_recall_at_20_vs_exact"] == pytest.approx(1.0)
@@ -71,11 +40,43 @@ def test_end_to_end_tiny_run(tmp_path, tiny_llm_dir):
     assert len(prefs) == 40 and all(isinstance(p["text"], str) for p in prefs)
     assert "| SASRec |" in (out / "report.md").read_text()
 
-    # the same chain again on the first run's texts (no LLM stage), with another fusion
-    again = replace(cfg, llm=replace(cfg.llm, model="/nonexistent", preferences_from=str(out)))
-    again = replace(again, retriever=replace(again.retriever, fusion="add"))
-    run_pipeline(again, tmp_path / "again")
-    assert (tmp_path / "again" / "preferences.jsonl").read_text() == (out / "preferences.jsonl").read_text()
+
+@pytest.mark.engine  # its fixture is the tiny run
+def test_the_chain_without_the_loop_on_a_runs_texts(tiny_loop_run, tmp_path):
+    """The base chain alone (no DPO, no re-rank job) on the texts of a run: no LLM stage at all."""
+    cfg = tiny_loop_run.cfg
+    again = replace(
+        cfg,
+        llm=replace(cfg.llm, model="/nonexistent", preferences_from=str(tiny_loop_run.out)),
+        retriever=replace(cfg.retriever, fusion="add", epochs=3, patience=2),
+        preference_dpo=replace(cfg.preference_dpo, rounds=0),
+        rerank=replace(cfg.rerank, enabled=False),
+    )
+    doc = run_pipeline(again, tmp_path / "again")
+    assert [r["system"] for r in doc["rows"]] == ["most-popular", "SASRec", "SASRec + base-LLM preferences"]
+    verify(tmp_path / "again", required=("index.faiss", "metrics.json", "report.md", "systems.png"))
+    text = (tmp_path / "again" / "preferences.jsonl").read_text()
+    assert text == (tiny_loop_run.out / "preferences.jsonl").read_text()
+
+
+def test_the_no_llm_control_fuses_the_history_lines(tmp_path):
+    """llm.preference_source=history: no LLM at all (the model path is never opened); the text of each
+    user is the history lines of the preference prompt, and the row says so."""
+    data = write_tiny_dataset(tmp_path / "tiny")
+    cfg = from_dict(
+        {
+            "data": {"name": str(data), "data_dir": str(tmp_path / "cache")},
+            "llm": {"model": "/nonexistent", "preference_source": "history", "history_items": 4},
+            "retriever": {"epochs": 2, "patience": 2, "hidden": 16, "max_len": 12, "adaptor_hidden": 16},
+            "eval": {"bootstrap": 50},
+        }
+    )
+    doc = run_pipeline(cfg, tmp_path / "run")
+    assert [r["system"] for r in doc["rows"]] == ["most-popular", "SASRec", "SASRec + history text (no LLM)"]
+    assert {c["a"] for c in doc["comparisons"]} == {"SASRec + history text (no LLM)", "SASRec"}
+    prefs = [json.loads(line) for line in (tmp_path / "run" / "preferences.jsonl").open()]
+    assert len(prefs) == 40
+    assert all(p["text"].count(" | ") >= 4 and p["text"].count("; ") == 3 for p in prefs)  # 4 items, 2+ fields
 
 
 def test_reused_preferences_must_cover_the_users_and_come_from_training(tmp_path):
