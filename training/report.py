@@ -183,6 +183,19 @@ def _loop_lines(doc: dict[str, Any]) -> list[str]:
             f"target inserted); SFT {rr['sft']['train_seconds']} s, DPO {rr['dpo']['train_seconds']} s.",
             "",
         ]
+        order = {name: o for name, o in rr.get("order", {}).items() if o}
+        if order:  # does the LLM follow the retriever's order (position) or find the target?
+            lines += [
+                "| re-ranker | LLM's top = retriever's top | Spearman with retriever order | "
+                "target position before -> after |",
+                "|---|---|---|---|",
+                *(
+                    f"| {name} | {o['top_is_retrievers_top']:.2f} | {o['spearman_with_retriever']:+.2f} | "
+                    f"{o['target_position_before']:.2f} -> {o['target_position_after']:.2f} |"
+                    for name, o in order.items()
+                ),
+                "",
+            ]
     return lines
 
 

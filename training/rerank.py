@@ -240,3 +240,34 @@ def rerank_order(scores: Sequence[float] | np.ndarray, candidates: Sequence[int]
         raise ValueError(f"got {values.shape} scores for {len(candidates)} candidates")
     values = np.where(np.isnan(values), -np.inf, values)
     return [candidates[i] for i in np.argsort(-values, kind="stable")]
+
+
+def order_stats(scores: Sequence[Sequence[float] | np.ndarray], target_positions: Sequence[int]) -> dict[str, float]:
+    """How a re-ranker's scores relate to the retriever's order (the candidates as shown, position 0 its
+    top), over prompts whose target is among the candidates: does the LLM follow position, or the target?
+
+    ``top_is_retrievers_top``: share of prompts whose best-scored candidate is position 0;
+    ``spearman_with_retriever``: mean rank correlation of the scores with the retriever's order (1: the
+    LLM keeps the order, 0: unrelated, -1: reverses it); ``target_position_before`` / ``_after``: mean
+    1-based position of the true item in the retriever's order and in the re-ranked one.
+    """
+    if len(scores) != len(target_positions):
+        raise ValueError(f"got {len(scores)} score lists for {len(target_positions)} targets")
+    if not scores:
+        return {}
+    first, rho, after = [], [], []
+    for values, target in zip(scores, target_positions, strict=True):
+        s = np.where(np.isnan(np.asarray(values, dtype=np.float64)), -np.inf, np.asarray(values, dtype=np.float64))
+        order = np.argsort(-s, kind="stable")  # positions, best first (rerank_order's rule)
+        first.append(order[0] == 0)
+        llm_rank = np.empty(len(s))
+        llm_rank[order] = np.arange(len(s))
+        rho.append(np.corrcoef(llm_rank, np.arange(len(s)))[0, 1] if len(s) > 1 else 1.0)
+        after.append(int(llm_rank[target]) + 1)
+    return {
+        "prompts": len(scores),
+        "top_is_retrievers_top": float(np.mean(first)),
+        "spearman_with_retriever": float(np.mean(rho)),
+        "target_position_before": float(np.mean(np.asarray(target_positions) + 1)),
+        "target_position_after": float(np.mean(after)),
+    }

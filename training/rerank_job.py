@@ -33,7 +33,7 @@ from training.loop import (
     train_summary,
 )
 from training.pipeline import StageTimer, prompt_config, run_isolated
-from training.rerank import RerankExample, build_examples, dpo_rows, rerank_order, retrieve, sft_rows
+from training.rerank import RerankExample, build_examples, dpo_rows, order_stats, rerank_order, retrieve, sft_rows
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,9 @@ def rerank_job(inp: LoopInputs, tokenizer: Any, work: Path, timer: StageTimer, o
         ]
         scores = run_isolated(engine_jobs, engine_cfg(cfg), jobs) if hits else [[], [], []]
     served = inp.ranks if out.served_row == BASE_ROW else out.ranks[out.served_row]
+    info["order"] = {}  # does each re-ranker follow the retriever's order or the target? (training.rerank)
     for name, per_prompt in zip(RERANK_ROWS, scores, strict=True):
+        info["order"][name] = order_stats(per_prompt, [test[i].target_position for i in hits])
         ranks = served.copy()  # outside the top K: the retriever's rank, unchanged
         for i, s in zip(hits, per_prompt, strict=True):
             ranks[i] = rerank_order(s, test[i].candidates).index(test[i].target)

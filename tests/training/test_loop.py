@@ -61,6 +61,10 @@ def test_dpo_loop_and_rerank_job_tiny_run(tiny_loop_run) -> None:
         row = next(r for r in doc["rows"] if r["system"] == name)
         assert row["Recall@5"] == pytest.approx(served["Recall@5"])  # re-ordering the top 5 keeps its hits
         assert row["Recall@20"] == pytest.approx(served["Recall@20"])
+        order = rerank["order"][name]  # how the LLM's order relates to the retriever's, per re-ranker
+        if rerank["scored_users"]:
+            assert order["prompts"] == rerank["scored_users"] and -1 <= order["spearman_with_retriever"] <= 1
+            assert 1 <= order["target_position_after"] <= 5
 
     # the served artifacts: aligned preferences and both adapters, named in llm.json
     llm = json.loads((out / "llm.json").read_text())

@@ -25,6 +25,7 @@ from training.rerank import (
     candidate_list,
     dpo_rows,
     hf_label_logprobs,
+    order_stats,
     rerank_order,
     retrieve,
     sft_rows,
@@ -133,6 +134,20 @@ def test_rerank_order_is_stable() -> None:
     assert rerank_order([0.1, 0.5, 0.5, float("nan"), 0.2], [10, 11, 12, 13, 14]) == [11, 12, 14, 10, 13]
     with pytest.raises(ValueError, match="scores for"):
         rerank_order([0.1], [1, 2])
+
+
+def test_order_stats_tell_position_following_from_target_finding() -> None:
+    keeps_order = [[-1.0, -2.0, -3.0], [-0.5, -0.6, -0.7]]  # scores fall with position: the retriever's order
+    stats = order_stats(keeps_order, [2, 1])
+    assert stats["top_is_retrievers_top"] == 1.0 and stats["spearman_with_retriever"] == pytest.approx(1.0)
+    assert stats["target_position_before"] == stats["target_position_after"] == 2.5
+    finds = [[-3.0, -2.0, -1.0], [-2.0, -1.0, -3.0]]  # the target scored best each time
+    stats = order_stats(finds, [2, 1])
+    assert stats["top_is_retrievers_top"] == 0.0 and stats["target_position_after"] == 1.0
+    assert stats["spearman_with_retriever"] == pytest.approx((-1.0 + 0.5) / 2)
+    assert order_stats([], []) == {}
+    with pytest.raises(ValueError, match="score lists for"):
+        order_stats([[0.0]], [0, 1])
 
 
 # ---- scoring: transformers vs vLLM, and SFT -----------------------------------------------------------
