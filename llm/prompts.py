@@ -47,6 +47,9 @@ class PromptConfig:
     rating_scale: float | None = 5.0  # ratings print as "4/5"; None prints the bare number
     max_title_chars: int = 80  # long product titles are cut, keeping prompts bounded
     max_preference_chars: int = 1000  # the preference text in the re-rank prompt is cut to this
+    # "Clash of the Titans, The" prints as "The Clash of the Titans" (natural_title). Runs saved before this
+    # setting existed printed catalogue order; service/artifacts.py reads a missing field as False.
+    natural_titles: bool = True
     system_preference: str = field(default="You are an expert in {noun} recommendation. You analyse what a user likes.")
     system_rerank: str = field(
         default=(
@@ -72,7 +75,8 @@ class PromptConfig:
 
 def format_item(item: HistoryItem, config: PromptConfig, with_rating: bool = True) -> str:
     """One line of text for an item: ``Title (1995) | Animation, Comedy | rated 4/5``."""
-    title = _cut(natural_title(" ".join(item.title.split())), config.max_title_chars)
+    title = " ".join(item.title.split())
+    title = _cut(natural_title(title) if config.natural_titles else title, config.max_title_chars)
     # MovieLens titles already end with "(1995)": do not say the year twice.
     if item.year is not None and f"({item.year})" not in title:
         title = f"{title} ({item.year})"

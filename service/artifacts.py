@@ -109,7 +109,8 @@ def load_llm_spec(root: Path, ignored: list[str]) -> LLMSpec:
         else:
             adapters[job] = None
     try:
-        prompt = PromptConfig(**_known_fields(PromptConfig, raw.get("prompt") or {}, "prompt", ignored))
+        saved = {"natural_titles": False, **(raw.get("prompt") or {})}  # older runs: catalogue-order titles
+        prompt = PromptConfig(**_known_fields(PromptConfig, saved, "prompt", ignored))
         gen = GenerationConfig(
             **_known_fields(GenerationConfig, raw.get("preference_generation") or {}, "preference_generation", ignored)
         )

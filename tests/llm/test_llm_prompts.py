@@ -60,6 +60,9 @@ def test_natural_title_moves_a_trailing_article_to_the_front(filed: str, natural
 def test_format_item_prints_catalogue_titles_in_reading_order() -> None:
     line = format_item(HistoryItem("Clash of the Titans, The", ("Action",), year=1981), CONFIG, with_rating=False)
     assert line == "The Clash of the Titans (1981) | Action"
+    filed = PromptConfig(natural_titles=False)  # how runs saved before the setting printed them
+    line = format_item(HistoryItem("Clash of the Titans, The", ("Action",), year=1981), filed, with_rating=False)
+    assert line == "Clash of the Titans, The (1981) | Action"
 
 
 def test_preference_prompt_shows_the_most_recent_history_and_the_factors() -> None:

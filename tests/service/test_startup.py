@@ -67,3 +67,18 @@ def test_shutdown_drains_in_flight_requests(tiny_run_dir):
         timed_out, drained, refused, finished = run_async(client, scenario)
         assert client.get("/readyz").status_code == 503  # draining: not ready for new work
     assert (timed_out, drained, refused, finished) == (False, True, 503, 200)
+
+
+def test_a_run_saved_before_natural_titles_keeps_catalogue_order(tmp_path):
+    """llm.json without prompt.natural_titles comes from before the setting: its adapters were trained on
+    catalogue-order titles, so the service must not rewrite them; a run that says True gets them rewritten."""
+    import json
+
+    from service.artifacts import load_llm_spec
+
+    raw = {"base_model": "smollm2-135m-instruct", "prompt": {"max_history": 10}}
+    (tmp_path / "llm.json").write_text(json.dumps(raw))
+    assert load_llm_spec(tmp_path, []).prompt.natural_titles is False
+    raw["prompt"]["natural_titles"] = True
+    (tmp_path / "llm.json").write_text(json.dumps(raw))
+    assert load_llm_spec(tmp_path, []).prompt.natural_titles is True
