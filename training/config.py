@@ -146,7 +146,11 @@ class RerankSection:
 
     enabled: bool = False  # off: no re-rank rows, no rerank adapter
     k: int = 20  # candidates the LLM scores (labels A, B, ...); the rest keep the retriever's order
-    insert_target: bool = True  # training only: a missed validation item is put among the K at a seeded slot
+    # Training examples. True: a seeded sample of all users, a missed validation item put among the K at a
+    # seeded slot (uniform position). False: a seeded sample of the users whose validation item the
+    # retriever put among the K, in its own position: the distribution of the scored test prompts, where
+    # the true item sits near the top (docs/RESULTS.md).
+    insert_target: bool = True
     seed: int = 0  # training-user sample and insertion slots
     train_users: int | None = None  # validation-step examples for SFT and DPO: a seeded sample; None = all
     recent_items: int = 10  # recent history items in the prompt (PromptConfig.max_recent)

@@ -59,9 +59,23 @@ def _examples(inp: LoopInputs, tokenizer: Any, out: LoopOutputs) -> tuple[list[R
         ratings=None,
         insert_target=False,
     )
-    train_users = sample_users(inp.users, rc.train_users, rc.seed)
-    train_seqs = {u: split.users[u].train for u in train_users}
-    ranked = retrieve(out.retriever, train_seqs, prefs, train_users, rc.k)
+    if rc.insert_target:  # a missed validation item is put among the K at a seeded slot
+        train_users = sample_users(inp.users, rc.train_users, rc.seed)
+        train_seqs = {u: split.users[u].train for u in train_users}
+        ranked = retrieve(out.retriever, train_seqs, prefs, train_users, rc.k)
+    else:  # only users whose validation item the retriever put among the K: what the scored prompts look like
+        train_seqs = {u: split.users[u].train for u in inp.users}
+        ranked = retrieve(out.retriever, train_seqs, prefs, inp.users, rc.k)
+        hits = [u for u in inp.users if split.users[u].valid in ranked[u]]
+        if not hits:  # nothing to train on in the scored prompts' shape; say so rather than stop the run
+            log.warning("re-rank: no validation item is in the top %d; training on inserted targets", rc.k)
+        train_users = sample_users(hits or inp.users, rc.train_users, rc.seed)
+        log.info(
+            "re-rank training: %d users sampled from the %d whose validation item is in the top %d",
+            len(train_users),
+            len(hits),
+            rc.k,
+        )
     train = build_examples(
         inp.catalog,
         train_users,
@@ -72,7 +86,7 @@ def _examples(inp: LoopInputs, tokenizer: Any, out: LoopOutputs) -> tuple[list[R
         labels,
         prompt_cfg,
         ratings=None,
-        insert_target=rc.insert_target,
+        insert_target=True,  # a no-op for the hits; the fallback above needs it
         seed=rc.seed,
     )
     return test, train
