@@ -79,6 +79,7 @@ def tiny_loop_config(data: Path, cache: Path, llm_dir: Path) -> dict[str, Any]:
         "rerank": {
             "enabled": True,
             "k": 5,
+            "insert_target": False,  # train on users whose validation item is among the 5 (the scored shape)
             "train_users": 8,
             "recent_items": 3,
             "preference_chars": 200,
