@@ -6,7 +6,7 @@ adapter is not kept in a run), and prints ``training.rerank.order_stats`` for bo
 training examples as ``rerank.insert_target`` true and false would, and prints where their true label
 sits and how often the DPO rejected label is the retriever's top (label A).
 
-    python scripts/rerank_order.py runs/small2 --config small
+    python -m scripts.rerank_order runs/small2 --config small   # from the repo root
 """
 
 from __future__ import annotations

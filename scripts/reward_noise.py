@@ -7,7 +7,7 @@ how often each retrained model orders the pair the same way (chosen above reject
 Wilson interval. About 50 % means the pairs' order is mostly reward-model noise, and DPO is fitting it.
 Each retrained model's best validation NDCG@10 shows the seed-to-seed spread of the retriever itself.
 
-    python scripts/reward_noise.py runs/small2 --config small --seeds 1 2
+    python -m scripts.reward_noise runs/small2 --config small --seeds 1 --seeds 2   # from the repo root
 """
 
 from __future__ import annotations
