@@ -148,8 +148,8 @@ class RerankSection:
     k: int = 20  # candidates the LLM scores (labels A, B, ...); the rest keep the retriever's order
     # Training examples. True: a seeded sample of all users, a missed validation item put among the K at a
     # seeded slot (uniform position). False: a seeded sample of the users whose validation item the
-    # retriever put among the K, in its own position: the distribution of the scored test prompts, where
-    # the true item sits near the top (docs/RESULTS.md).
+    # retriever put among the K, in its own position: the distribution of the scored test prompts. Measured
+    # worse on `small` (docs/RESULTS.md): with the true item rarely at A, SFT learns to demote A.
     insert_target: bool = True
     seed: int = 0  # training-user sample and insertion slots
     train_users: int | None = None  # validation-step examples for SFT and DPO: a seeded sample; None = all
