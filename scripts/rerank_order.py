@@ -11,25 +11,33 @@ sits and how often the DPO rejected label is the retriever's top (label A).
 
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
+import os
 
-import numpy as np
-import typer
-from transformers import AutoTokenizer
+from dpo4rec.cli import ENGINE_ENV_DEFAULTS
 
-from llm.labels import candidate_labels
-from llm.models import resolve_model
-from llm.prompts import render
-from retrieval.sasrec import SASRec
-from training.config import load_config
-from training.data import load_dataset
-from training.loop import engine_cfg, engine_jobs, sample_users
-from training.pipeline import prompt_config, run_isolated
-from training.preferences import load_preferences
-from training.rerank import build_examples, order_stats, retrieve
-from training.split import leave_one_out
+for _key, _value in ENGINE_ENV_DEFAULTS.items():  # as `dpo4rec` sets them, before vLLM or the HF hub load
+    os.environ.setdefault(_key, _value)
+
+import json  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import typer  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from llm.models import resolve_model  # noqa: E402
+from llm.prompts import render  # noqa: E402
+from retrieval.sasrec import SASRec  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.data import load_dataset  # noqa: E402
+from training.loop import LoopInputs, LoopOutputs, engine_cfg, engine_jobs  # noqa: E402
+from training.pipeline import run_isolated  # noqa: E402
+from training.preferences import load_preferences  # noqa: E402
+from training.rerank import order_stats  # noqa: E402
+from training.rerank_job import rerank_examples  # noqa: E402
+from training.split import leave_one_out  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 
@@ -42,49 +50,42 @@ def main(
     from training.dpo import merge_adapter
 
     cfg = load_config(config)
-    rc = cfg.rerank
     dataset = load_dataset(cfg.data.name, Path(cfg.data.data_dir))
     split = leave_one_out(dataset.interactions, cfg.data.min_interactions)
     users = split.ids()[: cfg.max_users] if cfg.max_users else split.ids()
-    texts, vectors = load_preferences(run)
-    prefs = {u: vectors[i] for i, u in enumerate(texts)}
+    texts, vectors = load_preferences(run)  # the served texts, rows in the run's user order
+    if list(texts) != users:
+        raise typer.BadParameter(f"{run} was not trained on the users of --config {config}")
     retriever = SASRec.load(run / "retriever")
     model_dir = resolve_model(cfg.llm.model, Path(cfg.llm.model_cache).expanduser())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    labels = candidate_labels(tokenizer, rc.k)
-    prompt_cfg = prompt_config(cfg)
+    unused = dict.fromkeys(("encoder", "ranks"))  # the re-rank examples read neither
+    inp = LoopInputs(
+        cfg=cfg,
+        catalog=dataset.catalog,
+        split=split,
+        users=users,
+        model_dir=model_dir,
+        texts=texts,
+        vectors=vectors,
+        retriever=retriever,
+        **unused,
+    )
+    out = LoopOutputs(texts=texts, vectors=vectors, retriever=retriever)
 
-    # training examples: where does the true label sit, and what is the DPO rejected label?
-    train_seqs = {u: split.users[u].train for u in users}
-    ranked = retrieve(retriever, train_seqs, prefs, users, rc.k)
-    valid = {u: split.users[u].valid for u in users}
-    hits = [u for u in users if valid[u] in ranked[u]]
-    for name, pool in (("insert_target=true", users), ("insert_target=false", hits or users)):
-        chosen = sample_users(pool, rc.train_users, rc.seed)
-        train = build_examples(
-            dataset.catalog, chosen, train_seqs, valid, ranked, texts, labels, prompt_cfg, insert_target=True
-        )
+    # the re-rank job's examples, as either setting of rerank.insert_target builds them
+    for insert in (True, False):
+        variant = replace(cfg, rerank=replace(cfg.rerank, insert_target=insert))
+        test, train = rerank_examples(replace(inp, cfg=variant), tokenizer, out)
         positions = np.array([e.target_position for e in train]) + 1
         rejected_a = np.mean([e.negative_position == 0 for e in train])
         print(
-            f"training, {name}: {len(train)} examples, {sum(e.inserted for e in train)} inserted; true label's "
-            f"mean position {positions.mean():.2f} (1 = A); DPO rejected label is A in {rejected_a:.0%}"
+            f"training, insert_target={str(insert).lower()}: {len(train)} examples, "
+            f"{sum(e.inserted for e in train)} inserted; true label's mean position {positions.mean():.2f} "
+            f"(1 = A); DPO rejected label is A in {rejected_a:.0%}"
         )
 
-    # test prompts: only users whose test item is among the K can move
-    test_seqs = {u: [*split.users[u].train, split.users[u].valid] for u in users}
-    ranked = retrieve(retriever, test_seqs, prefs, users, rc.k)
-    test = build_examples(
-        dataset.catalog,
-        users,
-        test_seqs,
-        {u: split.users[u].test for u in users},
-        ranked,
-        texts,
-        labels,
-        prompt_cfg,
-        insert_target=False,
-    )
+    # test prompts (the same for both settings): only users whose test item is among the K can move
     scored = [e for e in test if e.target_position is not None]
     prompts = [render(tokenizer, e.messages) for e in scored]
     ids = [[token for _, token in e.labels] for e in scored]

@@ -12,21 +12,28 @@ Each retrained model's best validation NDCG@10 shows the seed-to-seed spread of 
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import replace
-from pathlib import Path
+import os
 
-import numpy as np
-import typer
+from dpo4rec.cli import ENGINE_ENV_DEFAULTS
 
-from retrieval.encoder import EncoderConfig, TextEncoder
-from training.config import load_config
-from training.data import load_dataset
-from training.pipeline import _train_sasrec
-from training.preferences import load_preferences
-from training.reward import reward_inputs, rewards
-from training.split import leave_one_out
+for _key, _value in ENGINE_ENV_DEFAULTS.items():  # as `dpo4rec` sets them, before vLLM or the HF hub load
+    os.environ.setdefault(_key, _value)
+
+import json  # noqa: E402
+import math  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import typer  # noqa: E402
+
+from retrieval.encoder import EncoderConfig, TextEncoder  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.data import load_dataset  # noqa: E402
+from training.pipeline import _train_sasrec  # noqa: E402
+from training.preferences import load_preferences  # noqa: E402
+from training.reward import reward_inputs, rewards  # noqa: E402
+from training.split import leave_one_out  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 

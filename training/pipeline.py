@@ -262,9 +262,7 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
     pref_row = PREFERENCE_ROWS[cfg.llm.preference_source]
     with timer("preferences_llm"):
         if cfg.llm.preference_source == "history":
-            texts = history_texts(
-                catalog, prompt_histories(split, users), PromptConfig(max_history=cfg.llm.history_items)
-            )
+            texts = history_texts(catalog, prompt_histories(split, users), prompt_config(cfg))
         elif cfg.llm.preferences_from:
             texts = reuse_preferences(Path(cfg.llm.preferences_from), users)
         elif cfg.preference_dpo.rounds:

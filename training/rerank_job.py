@@ -38,7 +38,9 @@ from training.rerank import RerankExample, build_examples, dpo_rows, order_stats
 log = logging.getLogger(__name__)
 
 
-def _examples(inp: LoopInputs, tokenizer: Any, out: LoopOutputs) -> tuple[list[RerankExample], list[RerankExample]]:
+def rerank_examples(
+    inp: LoopInputs, tokenizer: Any, out: LoopOutputs
+) -> tuple[list[RerankExample], list[RerankExample]]:
     """(test examples of every user, validation-step training examples of the sampled training users)."""
     cfg, split, rc = inp.cfg, inp.split, inp.cfg.rerank
     labels = candidate_labels(tokenizer, rc.k)
@@ -96,7 +98,7 @@ def rerank_job(inp: LoopInputs, tokenizer: Any, work: Path, timer: StageTimer, o
     """Zero-shot, SFT and SFT+DPO label scoring of the served retriever's top K; rows vs the retriever order."""
     cfg, rc = inp.cfg, inp.cfg.rerank
     with timer("rerank_examples"):
-        test, train = _examples(inp, tokenizer, out)
+        test, train = rerank_examples(inp, tokenizer, out)
     hits = [i for i, e in enumerate(test) if e.target_position is not None]  # the only users the LLM can move
     info: dict[str, Any] = {
         "k": rc.k,
