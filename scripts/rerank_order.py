@@ -1,10 +1,10 @@
 """Does a run's re-ranker follow the retriever's order, or find the true item? And what did it train on?
 
-Rebuilds the re-rank job's test prompts from a run directory (its served retriever, preference texts and
-K), scores them with the base LLM (zero-shot) and with the run's re-rank adapter (SFT+DPO; the SFT-only
-adapter is not kept in a run), and prints ``training.rerank.order_stats`` for both. Also rebuilds the
-training examples as ``rerank.insert_target`` true and false would, and prints where their true label
-sits and how often the DPO rejected label is the retriever's top (label A).
+Rebuilds the re-rank job's lists from a run directory (its served retriever, preference texts and K),
+prints where the true label sits in the training lists and where the DPO rejected labels fall (both
+should be spread over A..K), then scores the test lists with the base LLM (zero-shot) and with the run's
+re-rank adapter (SFT+DPO; the SFT-only adapter is not kept in a run), raw, and prints
+``training.rerank.order_stats`` for both.
 
     python -m scripts.rerank_order runs/small2 --config small   # from the repo root
 """
@@ -20,7 +20,6 @@ for _key, _value in ENGINE_ENV_DEFAULTS.items():  # as `dpo4rec` sets them, befo
 
 import json  # noqa: E402
 import tempfile  # noqa: E402
-from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -29,14 +28,15 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from llm.models import resolve_model  # noqa: E402
 from llm.prompts import render  # noqa: E402
+from retrieval.encoder import EncoderConfig, TextEncoder  # noqa: E402
 from retrieval.sasrec import SASRec  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.loop import LoopInputs, LoopOutputs, engine_cfg, engine_jobs  # noqa: E402
 from training.pipeline import run_isolated  # noqa: E402
 from training.preferences import load_preferences  # noqa: E402
-from training.rerank import order_stats  # noqa: E402
-from training.rerank_job import rerank_examples  # noqa: E402
+from training.rerank import dpo_rows, order_stats  # noqa: E402
+from training.rerank_job import rerank_lists  # noqa: E402
 from training.split import leave_one_out  # noqa: E402
 
 app = typer.Typer(add_completion=False)
@@ -59,7 +59,7 @@ def main(
     retriever = SASRec.load(run / "retriever")
     model_dir = resolve_model(cfg.llm.model, Path(cfg.llm.model_cache).expanduser())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    unused = dict.fromkeys(("encoder", "ranks"))  # the re-rank examples read neither
+    unused = dict.fromkeys(("ranks",))  # the re-rank lists do not read it
     inp = LoopInputs(
         cfg=cfg,
         catalog=dataset.catalog,
@@ -69,24 +69,21 @@ def main(
         texts=texts,
         vectors=vectors,
         retriever=retriever,
+        encoder=TextEncoder(EncoderConfig(**json.loads((run / "encoder.json").read_text()))),
         **unused,
     )
     out = LoopOutputs(texts=texts, vectors=vectors, retriever=retriever)
 
-    # the re-rank job's examples, as either setting of rerank.insert_target builds them
-    for insert in (True, False):
-        variant = replace(cfg, rerank=replace(cfg.rerank, insert_target=insert))
-        test, train = rerank_examples(replace(inp, cfg=variant), tokenizer, out)
-        positions = np.array([e.target_position for e in train]) + 1
-        rejected_a = np.mean([e.negative_position == 0 for e in train])
-        print(
-            f"training, insert_target={str(insert).lower()}: {len(train)} examples, "
-            f"{sum(e.inserted for e in train)} inserted; true label's mean position {positions.mean():.2f} "
-            f"(1 = A); DPO rejected label is A in {rejected_a:.0%}"
-        )
-
-    # test prompts (the same for both settings): only users whose test item is among the K can move
-    scored = [e for e in test if e.target_position is not None]
+    lists = rerank_lists(inp, tokenizer, out)
+    k = cfg.rerank.k
+    share = np.bincount([e.target_position for e in lists.train], minlength=k) / max(len(lists.train), 1)
+    rows = dpo_rows(lists.train, cfg.rerank.dpo_rejected, cfg.rerank.seed)
+    letters = [e[0] for e in lists.train[0].labels] if lists.train else []
+    rejected = np.bincount([letters.index(r["rejected"]) for r in rows], minlength=k) / max(len(rows), 1)
+    print(f"training: {len(lists.train)} lists; true label share by position {np.round(share, 3).tolist()}")
+    print(f"training: {len(rows)} DPO pairs; rejected label share by position {np.round(rejected, 3).tolist()}")
+    # test prompts: only users whose test item is among the K can move
+    scored = [e for e in lists.test if e.target_position is not None]
     prompts = [render(tokenizer, e.messages) for e in scored]
     ids = [[token for _, token in e.labels] for e in scored]
     llm = json.loads((run / "llm.json").read_text())

@@ -19,6 +19,7 @@ import numpy as np
 
 from llm.engine import GenerationConfig
 from llm.prompts import PromptConfig
+from llm.scoring import ScoringSpec
 from retrieval.catalog import Catalog
 from retrieval.encoder import EncoderConfig
 from retrieval.index import ItemIndex
@@ -50,6 +51,7 @@ class LLMSpec:
     prompt: PromptConfig
     rerank_k: int
     preference_generation: GenerationConfig
+    scoring: ScoringSpec = ScoringSpec()  # "scoring": prior, fusion weight, orders; absent (older runs): LLM only
 
 
 @dataclass
@@ -114,10 +116,22 @@ def load_llm_spec(root: Path, ignored: list[str]) -> LLMSpec:
         gen = GenerationConfig(
             **_known_fields(GenerationConfig, raw.get("preference_generation") or {}, "preference_generation", ignored)
         )
+        scoring = ScoringSpec(**_known_fields(ScoringSpec, raw.get("scoring") or {}, "scoring", ignored))
     except (TypeError, ValueError) as e:
         raise RunDirError(f"{root / 'llm.json'}: {e}") from None
     rerank_k = int(raw.get("rerank_k") or DEFAULT_RERANK_K)
-    return LLMSpec(base_model=base, adapters=adapters, prompt=prompt, rerank_k=rerank_k, preference_generation=gen)
+    if scoring.log_prior is not None and len(scoring.log_prior) < rerank_k:
+        raise RunDirError(
+            f"{root / 'llm.json'}: scoring.log_prior has {len(scoring.log_prior)} labels, rerank_k is {rerank_k}"
+        )
+    return LLMSpec(
+        base_model=base,
+        adapters=adapters,
+        prompt=prompt,
+        rerank_k=rerank_k,
+        preference_generation=gen,
+        scoring=scoring,
+    )
 
 
 def _load_preferences(root: Path) -> tuple[dict[str, str], dict[str, int], np.ndarray]:

@@ -24,6 +24,7 @@ import numpy as np
 from llm.engine import GenerationConfig, agenerate, ascore_labels, engine_alive, make_lora
 from llm.labels import Label, candidate_labels
 from llm.prompts import HistoryItem, PromptConfig, preference_messages, render, rerank_messages
+from llm.scoring import ScoringSpec, item_logprobs, rotate, shifts
 from service.metrics import ServiceMetrics
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class LLMJobConfig:
     generation: GenerationConfig  # for the preference job
     rerank_k: int  # labels prepared at start: the most candidates one prompt scores
     adapters: dict[str, Path | None]  # job -> LoRA folder
+    scoring: ScoringSpec = ScoringSpec()  # label prior and candidate orders (llm.json "scoring")
 
 
 class LanguageModel:
@@ -68,6 +70,7 @@ class LanguageModel:
 
     async def _call(self, job: str, request_id: str, coro: Any) -> Any:
         gauge = self.metrics.llm_in_flight.labels(job=job)
+        self.metrics.llm_calls.labels(job=job).inc()
         gauge.inc()
         try:
             return await coro
@@ -98,17 +101,25 @@ class LanguageModel:
     async def score(
         self, preference: str, recent: list[HistoryItem], candidates: list[HistoryItem], request_id: str | None = None
     ) -> np.ndarray:
-        """Probabilities (k,) that the user picks each candidate next; one forward pass."""
+        """The LLM's score of each candidate (k,), in their order: label log-probs with the run's label
+        prior removed, averaged over ``scoring.permutations`` candidate orders (one forward pass each,
+        run concurrently); ``llm.scoring`` is the same code training measured with."""
         labels = self.labels[: len(candidates)]
         if len(labels) < len(candidates):
             raise LLMError(f"only {len(self.labels)} labels prepared for {len(candidates)} candidates")
-        messages = rerank_messages(preference, recent, candidates, [text for text, _ in labels], self.cfg.prompt)
-        prompt = render(self.tokenizer, messages)
-        rid = _engine_request_id(request_id, "rank")
-        logprobs = await self._call(
-            "rerank", rid, ascore_labels(self.engine, prompt, [i for _, i in labels], rid, self.loras["rerank"])
-        )
-        return label_probabilities(np.asarray(logprobs, dtype=np.float64))
+        texts, ids = [text for text, _ in labels], [i for _, i in labels]
+        orders = shifts(len(candidates), min(self.cfg.scoring.permutations, len(candidates)))
+
+        async def one(shift: int) -> np.ndarray:
+            messages = rerank_messages(preference, recent, rotate(candidates, shift), texts, self.cfg.prompt)
+            rid = _engine_request_id(request_id, "rank")
+            coro = ascore_labels(self.engine, render(self.tokenizer, messages), ids, rid, self.loras["rerank"])
+            return np.asarray(await self._call("rerank", rid, coro), dtype=np.float64)
+
+        per_order = await asyncio.gather(*(one(s) for s in orders))
+        if not any(np.isfinite(p).any() for p in per_order):
+            raise LLMError("the engine returned no finite label log-probabilities")
+        return item_logprobs(per_order, orders, self.cfg.scoring)
 
 
 def _engine_request_id(request_id: str | None, job: str) -> str:

@@ -82,7 +82,9 @@ async def _start_llm(
     llm = LanguageModel(
         engine,
         tokenizer,
-        LLMJobConfig(prompt=spec.prompt, generation=generation, rerank_k=rerank_k, adapters=spec.adapters),
+        LLMJobConfig(
+            prompt=spec.prompt, generation=generation, rerank_k=rerank_k, adapters=spec.adapters, scoring=spec.scoring
+        ),
         metrics,
     )
     metrics.watch_engine(llm.unfinished_requests)

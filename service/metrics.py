@@ -59,11 +59,15 @@ class ServiceMetrics:
         self.llm_in_flight = Gauge(
             "dpo4rec_llm_requests_in_flight", "LLM calls this service has open", ["job"], registry=r
         )
+        self.llm_calls = Counter(
+            "dpo4rec_llm_calls", "engine requests this service made, by job", ["job"], registry=r
+        )  # a re-rank scores one prompt per candidate order
         self.engine_unfinished = Gauge(
             "dpo4rec_engine_unfinished_requests", "requests queued or running in the vLLM engine", registry=r
         )
         for job in ("preference", "rerank"):
             self.llm_in_flight.labels(job=job)
+            self.llm_calls.labels(job=job)
         for result in ("hit", "miss", "error"):
             self.cache.labels(result=result)
 

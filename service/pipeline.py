@@ -6,8 +6,10 @@
 3. candidates: the given ones (validated: count, unknown ids, duplicates -> 422), or FAISS retrieval
    with the retriever's user vector (last ``max_len`` items + the preference vector, zeros without
    one), excluding what the user has seen;
-4. re-rank: the first K (``rerank_k``) candidates scored by the LLM in one forward pass; the rest
-   keep their order below (scores: ``service.ranking``).
+4. re-rank: the first K (``rerank_k``) candidates scored by the LLM in one forward pass (per candidate
+   order, ``llm.json`` "scoring"), the run's label prior removed, fused with the retriever's scores at
+   the weight the run chose on validation users (``llm.scoring``); at weight 0 the engine is not
+   called. The rest keep their order below (scores: ``service.ranking``).
 
 Deadline: the request's ``deadline_ms`` (capped by the service default) bounds the LLM stages. Waiting
 for a preference generation may use the time left minus a reserve for re-ranking; re-ranking may use
@@ -27,9 +29,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llm.prompts import HistoryItem
+from llm.scoring import fused_scores
 from service.artifacts import Artifacts
 from service.errors import DuplicateItemsError, TooManyItemsError, UnknownItemsError, UnknownUserError
-from service.language_model import LanguageModel, LLMError
+from service.language_model import LanguageModel, LLMError, label_probabilities
 from service.metrics import ServiceMetrics
 from service.preferences import PreferenceService
 from service.protocol import ItemInfo, RerankRequest, RerankResponse, RerankResult
@@ -77,6 +80,7 @@ class RerankPipeline:
         self.metrics = metrics
         self.rerank_k = min(settings.rerank_k or artifacts.llm.rerank_k, llm.cfg.rerank_k if llm else 10**9)
         self.pref_dim = artifacts.retriever.cfg.pref_dim
+        self.scoring = artifacts.llm.scoring  # weight 0: the run found the LLM does not help; never called
 
     # ---- validation ---------------------------------------------------------------------------------
 
@@ -113,33 +117,45 @@ class RerankPipeline:
         catalog = self.artifacts.catalog
         return [HistoryItem(title=catalog[i].title, genres=catalog[i].genres, year=catalog[i].year) for i in indices]
 
-    def _retrieve(self, history: list[int], vector: np.ndarray | None, k: int) -> list[int]:
-        """Top-k unseen items for the user, best first (runs in a worker thread: torch + FAISS)."""
+    def _query(self, history: list[int], vector: np.ndarray | None) -> np.ndarray:
+        """The retriever's user vector (1, H): last ``max_len`` items + the preference vector (zeros without)."""
         retriever = self.artifacts.retriever
-        seq = [history[-retriever.cfg.max_len :]]
         pref = None
         if self.pref_dim:
             pref = (vector if vector is not None else np.zeros(self.pref_dim, np.float32)).reshape(1, -1)
-        query = retriever.user_vectors(seq, pref)  # (1, H)
+        return retriever.user_vectors([history[-retriever.cfg.max_len :]], pref)
+
+    def _retrieve(self, history: list[int], vector: np.ndarray | None, k: int) -> tuple[list[int], np.ndarray]:
+        """Top-k unseen items for the user, best first, and their retriever scores (a worker thread: torch + FAISS)."""
         seen = set(history)
         k = min(k, self.artifacts.index.num_items - len(seen))
         if k < 1:
-            return []
-        _, items = self.artifacts.index.search(query, k, exclude=[seen])  # (1, k)
-        return [int(i) for i in items[0] if i > 0]
+            return [], np.empty(0)
+        scores, items = self.artifacts.index.search(self._query(history, vector), k, exclude=[seen])  # (1, k)
+        keep = items[0] > 0
+        return [int(i) for i in items[0][keep]], scores[0][keep].astype(np.float64)
+
+    def _scores_of(self, history: list[int], vector: np.ndarray | None, candidates: list[int]) -> np.ndarray:
+        """The retriever's scores of given candidates (inner products, as the index would give them)."""
+        query = self._query(history, vector)[0]
+        return self.artifacts.retriever.item_vectors()[candidates] @ query
 
     async def _rerank(
         self,
         preference: str,
         history: list[int],
         candidates: list[int],
+        retriever_scores: np.ndarray | None,
         clock: _Clock,
         request_id: str,
         degraded: set[str],
     ) -> np.ndarray | None:
+        """Probabilities (K,) of the first K candidates under the fused score, or None (incoming order)."""
         if self.llm is None:
             degraded.add("llm_disabled")
             return None
+        if not self.scoring.uses_llm:
+            return None  # the run chose weight 0: the retriever's order is the fused order
         head = candidates[: self.rerank_k]
         if len(head) < 2:
             return None  # one candidate: nothing to re-rank
@@ -149,15 +165,18 @@ class RerankPipeline:
             return None
         recent = self._items(history[-self.llm.cfg.prompt.max_recent :]) if self.llm.cfg.prompt.max_recent else []
         try:
-            return await asyncio.wait_for(
+            llm = await asyncio.wait_for(
                 self.llm.score(preference, recent, self._items(head), request_id), timeout=budget
             )
         except asyncio.TimeoutError:
             degraded.add("llm_timeout")
+            return None
         except LLMError as e:
             log.warning("re-rank scoring failed: %s", e)
             degraded.add("llm_unavailable")
-        return None
+            return None
+        r = None if retriever_scores is None else retriever_scores[: len(head)]
+        return label_probabilities(fused_scores(r, llm, self.scoring.weight))
 
     # ---- the flow -----------------------------------------------------------------------------------
 
@@ -181,15 +200,20 @@ class RerankPipeline:
         vector = resolved.preference.vector if resolved.preference is not None else None
         text = resolved.preference.text if resolved.preference is not None else ""
 
+        fuse = self.llm is not None and self.scoring.uses_llm and self.scoring.weight is not None
         with clock.stage("retrieve", self.metrics):
+            retriever_scores = None
             if given is not None:
                 candidates = given
+                if fuse and candidates:  # the fused score needs the retriever's view of the given items
+                    head = candidates[: self.rerank_k]
+                    retriever_scores = await asyncio.to_thread(self._scores_of, history, vector, head)
             else:
                 k = max(settings.retrieve_k, top_n)
-                candidates = await asyncio.to_thread(self._retrieve, history, vector, k)
+                candidates, retriever_scores = await asyncio.to_thread(self._retrieve, history, vector, k)
 
         with clock.stage("rerank", self.metrics):
-            probabilities = await self._rerank(text, history, candidates, clock, request_id, degraded)
+            probabilities = await self._rerank(text, history, candidates, retriever_scores, clock, request_id, degraded)
 
         order, scores = final_order(len(candidates), probabilities)
         results = [

@@ -141,30 +141,73 @@ def _rerank_dpo_default() -> DPOTrainConfig:
 
 
 @dataclass
+class NegativeMix:
+    """Where a training list's K-1 negatives come from (weights, split by largest remainders)."""
+
+    hard: float = 0.5  # the retriever's highest-ranked wrong items for the list's prefix
+    popular: float = 0.25  # sampled by training popularity
+    uniform: float = 0.25  # uniform over the catalog
+
+    def __post_init__(self) -> None:
+        if min(self.hard, self.popular, self.uniform) < 0 or self.hard + self.popular + self.uniform <= 0:
+            raise ValueError("rerank.negatives weights must be >= 0 and not all 0")
+
+
+@dataclass
 class RerankSection:
-    """The re-rank job (SPEC section 1, training/loop.py): zero-shot, SFT on the true label, then DPO."""
+    """The re-rank job (SPEC section 1, training/rerank_job.py): zero-shot, SFT on the true label, DPO,
+    the label prior removed, fused with the retriever at a weight chosen on validation users."""
 
     enabled: bool = False  # off: no re-rank rows, no rerank adapter
     k: int = 20  # candidates the LLM scores (labels A, B, ...); the rest keep the retriever's order
-    # Training examples. True: a seeded sample of all users, a missed validation item put among the K at a
-    # seeded slot (uniform position). False: a seeded sample of the users whose validation item the
-    # retriever put among the K, in its own position: the distribution of the scored test prompts. Measured
-    # worse on `small` (docs/RESULTS.md): with the true item rarely at A, SFT learns to demote A.
-    insert_target: bool = True
-    seed: int = 0  # training-user sample and insertion slots
-    train_users: int | None = None  # validation-step examples for SFT and DPO: a seeded sample; None = all
+    # Training lists (training/rerank.py): the newest positions_per_user positions of every user's training
+    # history (prefix -> item t), shuffled; a seeded sample of train_lists of them trains (None = all).
+    positions_per_user: int = 2
+    train_lists: int | None = None
+    negatives: NegativeMix = field(default_factory=NegativeMix)
+    dpo_rejected: int = 1  # rejected labels per list, drawn from its wrong candidates (one DPO row each; S-DPO: 3)
+    seed: int = 0  # list sample, negatives, shuffles, rejected labels
     recent_items: int = 10  # recent history items in the prompt (PromptConfig.max_recent)
     preference_chars: int = 1000  # the preference text is cut to this (PromptConfig.max_preference_chars)
+    # Label prior removal (llm/scoring.py): "pride" estimates it on calibration_lists lists not used in
+    # training, each scored under calibration_shifts cyclic shifts (None = all K); "none" keeps raw scores.
+    debias: str = "pride"
+    calibration_lists: int = 8
+    calibration_shifts: int | None = None
+    permutations: int = 1  # candidate orders averaged when scoring (permutation self-consistency); 1 = off
+    # Fusion weights tried on validation users (0 = the retriever alone: the service then skips the LLM).
+    fusion_weights: list[float] = field(default_factory=lambda: [0.0, 0.125, 0.25, 0.5, 1.0, 2.0])
+    cold_items: int = 3  # the cold slice: test users with only their newest N items (0 = no cold slice)
     sft: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     dpo: DPOTrainConfig = field(default_factory=_rerank_dpo_default)  # continues the SFT adapter
 
     def __post_init__(self) -> None:
         if not 2 <= self.k <= 62:
             raise ValueError(f"rerank.k must be in [2, 62] (single-token labels A-Z, a-z, 0-9), got {self.k}")
-        if self.train_users is not None and self.train_users < 1:
-            raise ValueError(f"rerank.train_users must be >= 1 or null (all users), got {self.train_users}")
+        if isinstance(self.negatives, dict):  # from an override such as rerank.negatives={hard: 1}
+            self.negatives = NegativeMix(**self.negatives)
+        if self.positions_per_user < 1 or (self.train_lists is not None and self.train_lists < 1):
+            raise ValueError("rerank.positions_per_user must be >= 1 and rerank.train_lists >= 1 or null (all)")
+        if self.dpo_rejected < 1 or self.dpo_rejected > self.k - 1:
+            raise ValueError(f"rerank.dpo_rejected must be in [1, k-1], got {self.dpo_rejected}")
         if self.recent_items < 0 or self.preference_chars < 16:
             raise ValueError("rerank.recent_items must be >= 0 and rerank.preference_chars >= 16")
+        if self.debias not in ("pride", "none"):
+            raise ValueError(f"rerank.debias must be pride or none, not {self.debias!r}")
+        if self.calibration_lists < 1:
+            raise ValueError(f"rerank.calibration_lists must be >= 1, got {self.calibration_lists}")
+        if self.calibration_shifts is not None and not 1 <= self.calibration_shifts <= self.k:
+            raise ValueError(
+                f"rerank.calibration_shifts must be in [1, k] or null (all k), got {self.calibration_shifts}"
+            )
+        if not 1 <= self.permutations <= self.k:
+            raise ValueError(f"rerank.permutations must be in [1, k], got {self.permutations}")
+        if not self.fusion_weights or any(w < 0 for w in self.fusion_weights):
+            raise ValueError(
+                f"rerank.fusion_weights must be a non-empty list of weights >= 0, got {self.fusion_weights}"
+            )
+        if self.cold_items < 0:
+            raise ValueError(f"rerank.cold_items must be >= 0 (0 = no cold slice), got {self.cold_items}")
 
 
 @dataclass

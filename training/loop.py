@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from llm.prompts import preference_messages, render
+from llm.scoring import ScoringSpec
 from retrieval.catalog import Catalog
 from retrieval.encoder import TextEncoder
 from retrieval.sasrec import SASRec
@@ -56,9 +57,7 @@ from training.split import Split
 log = logging.getLogger(__name__)
 
 BASE_ROW = "SASRec + base-LLM preferences"
-RERANK_ROWS = ("LLM re-rank zero-shot", "LLM re-rank SFT", "LLM re-rank SFT+DPO")
 PREFERENCE_METRICS = ("NDCG@10", "Recall@10")
-RERANK_METRICS = ("NDCG@10", "MRR@10")  # re-ordering inside the top K cannot change Recall@K
 
 
 def aligned_row(round_: int) -> str:
@@ -94,6 +93,7 @@ class LoopOutputs:
     files: dict[str, bytes] = field(default_factory=dict)  # run-relative path -> content (adapters, pairs)
     curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # SASRec validation curves
     doc: dict[str, Any] = field(default_factory=dict)  # metrics.json additions
+    scoring: ScoringSpec | None = None  # how the service scores the re-rank (llm.json), when the job ran
 
 
 # ---- vLLM in a spawned process ------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def sample_users(users: Sequence[str], n: int | None, seed: int) -> list[str]:
     return [u for i, u in enumerate(users) if i in picked]
 
 
-def _compare(
+def compare(
     per_user: dict[str, dict[str, np.ndarray]], a: str, b: str, metrics: Sequence[str], n_boot: int
 ) -> list[dict[str, Any]]:
     return [
@@ -428,9 +428,9 @@ def run_loop(inp: LoopInputs, timer: StageTimer) -> LoopOutputs:
     n_boot = cfg.eval.bootstrap
     for name in out.ranks:
         if name.startswith("SASRec + DPO-aligned"):
-            out.comparisons += _compare(per_user, name, BASE_ROW, PREFERENCE_METRICS, n_boot)
+            out.comparisons += compare(per_user, name, BASE_ROW, PREFERENCE_METRICS, n_boot)
     if cfg.rerank.enabled:
-        for name in RERANK_ROWS:
-            out.comparisons += _compare(per_user, name, out.served_row, RERANK_METRICS, n_boot)
-        out.comparisons += _compare(per_user, RERANK_ROWS[2], RERANK_ROWS[1], RERANK_METRICS, n_boot)
+        from training.rerank_job import rerank_comparisons
+
+        out.comparisons += rerank_comparisons(per_user, out.served_row, n_boot)
     return out

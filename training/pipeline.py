@@ -337,6 +337,9 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
                     "adapters": loop.adapters if loop else {"preference": None, "rerank": None},
                     "prompt": asdict(prompt_config(cfg)),
                     "rerank_k": cfg.rerank.k,
+                    # how the service turns label log-probs into served scores (llm.scoring), when the re-rank
+                    # job chose it; null: an LLM-only order (no re-rank adapter trained)
+                    "scoring": asdict(loop.scoring) if loop and loop.scoring else None,
                     "preference_generation": {
                         "max_tokens": cfg.llm.max_tokens,
                         "temperature": cfg.llm.temperature,
@@ -352,6 +355,15 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
             examples.update({f"{u} (DPO-aligned)": served_texts[u] for u in users[:3]})
         write_report(tmp, metrics_doc, examples=examples)
         headline = {r["system"]: {"NDCG@10": r["NDCG@10"], "Recall@10": r["Recall@10"]} for r in rows}
-        write_manifest(tmp, version=version, dataset=dataset.name, config=cfg.to_dict(), metrics=headline)
+        scoring = loop.scoring if loop else None
+        llm_rerank = "not trained" if scoring is None else ("on" if scoring.uses_llm else "skipped (fusion weight 0)")
+        write_manifest(
+            tmp,
+            version=version,
+            dataset=dataset.name,
+            config=cfg.to_dict(),
+            metrics=headline,
+            extra={"llm_rerank": llm_rerank, "fusion_weight": scoring.weight if scoring else None},
+        )
     log.info("run written to %s (version %s)", out, version)
     return metrics_doc

@@ -178,11 +178,32 @@ def _loop_lines(doc: dict[str, Any]) -> list[str]:
             "## Re-rank job",
             "",
             f"K = {rr['k']} candidates from the served retriever; {rr['scored_users']} of {rr['users']} test "
-            f"items are among them (recall@K {rr['candidate_recall']:.4f}), only those prompts are scored. "
-            f"Training: {rr['train_users']} validation-step examples ({rr['train_inserted']} with the "
-            f"target inserted); SFT {rr['sft']['train_seconds']} s, DPO {rr['dpo']['train_seconds']} s.",
+            f"items are among them (recall@K {rr['candidate_recall']:.4f}), only those prompts are scored "
+            f"({rr.get('cold_scored_users', 0)} on the cold slice). Training: {rr['train_lists']} shuffled lists "
+            f"from {rr['train_users']} users (negatives {rr['negatives']}), {rr['dpo'].get('pairs', '-')} DPO "
+            f"pairs; SFT {rr['sft']['train_seconds']} s, DPO {rr['dpo']['train_seconds']} s. Label prior: "
+            f"{rr['debias']} on {rr['calibration_lists']} calibration lists; {rr['permutations']} candidate "
+            "order(s) per scored list.",
             "",
         ]
+        if rr.get("fusion"):
+            f = rr["fusion"]
+            lines += [
+                f"Fusion weight chosen on {rr['valid_scored_users']} validation lists: **w = {f['chosen']:g}** "
+                + ("(the LLM did not help: the service skips it). " if f["chosen"] == 0 else "")
+                + "Validation NDCG@10 of the scored lists by weight: "
+                + ", ".join(f"{w:g}: {v:.4f}" for w, v in zip(f["weights"], f["valid_ndcg10_of_scored"], strict=True)),
+                "",
+            ]
+        if rr.get("top_label"):
+            lines += [
+                "![label distributions](labels.png)",
+                "",
+                "Where the targets sit in the training lists (should be uniform), and where each re-ranker's top "
+                "answer falls on the shuffled calibration lists, before and after the label prior is removed "
+                "(uniform means no label preference).",
+                "",
+            ]
         order = {name: o for name, o in rr.get("order", {}).items() if o}
         if order:  # does the LLM follow the retriever's order (position) or find the target?
             lines += [
@@ -197,6 +218,33 @@ def _loop_lines(doc: dict[str, Any]) -> list[str]:
                 "",
             ]
     return lines
+
+
+def _plot_labels(doc: dict[str, Any], path: Path) -> bool:
+    """Training lists' target labels, and each re-ranker's top label on shuffled lists (raw vs de-biased)."""
+    rr = doc.get("rerank") or {}
+    if not rr.get("top_label"):
+        return False
+    k = rr["k"]
+    letters = [chr(ord("A") + i) for i in range(k)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    targets = rr["train_target_labels"]
+    axes[0].bar(letters, [t / max(sum(targets), 1) for t in targets])
+    axes[0].axhline(1 / k, color="gray", linestyle="--", linewidth=1)
+    axes[0].set_title("target label in training lists")
+    width = 0.8 / len(rr["top_label"])
+    for j, (name, shares) in enumerate(rr["top_label"].items()):
+        axes[1].bar([i + j * width for i in range(k)], shares, width, label=name.replace("LLM re-rank ", ""))
+    axes[1].axhline(1 / k, color="gray", linestyle="--", linewidth=1)
+    axes[1].set_xticks([i + 0.4 - width / 2 for i in range(k)], letters)
+    axes[1].set_title("top answer's label on shuffled lists")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.set_ylabel("share")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _fmt(x: float) -> str:
@@ -214,6 +262,7 @@ def write_report(folder: Path, doc: dict[str, Any], examples: dict[str, str] | N
         _plot_stage_ndcg(doc, folder / "stage_ndcg.png")
     has_rewards = _plot_rewards(doc, folder / "rewards.png")
     has_dpo_curves = _plot_dpo_curves(doc, folder / "dpo_curves.png")
+    _plot_labels(doc, folder / "labels.png")
     lines = ["# Run report", "", f"Test items of {doc.get('users')} users; full ranking over all unseen items.", ""]
     lines += ["| system | " + " | ".join(METRIC_COLUMNS) + " |", "|---" * (len(METRIC_COLUMNS) + 1) + "|"]
     for r in doc["rows"]:

@@ -1,14 +1,20 @@
 """The re-rank job's training side: candidate lists, SFT targets, DPO pairs, and a transformers scorer.
 
-The re-rank job is LlamaRec's verbalizer (Yue et al., arXiv 2311.02089): the retriever proposes K
-candidates, the prompt lists them under single-token labels (``llm.labels``), and the next-token
-log-probabilities of the labels, read in one forward pass, score them all. Its alignment (SPEC section
-1): supervised on the true next item's label, then DPO with chosen = the true label and rejected = the
-label of the retriever's highest-ranked wrong candidate.
+The re-rank job is LlamaRec's verbalizer (Yue et al., arXiv 2311.02089): K candidates are listed under
+single-token labels (``llm.labels``), and the next-token log-probabilities of the labels, read in one
+forward pass, score them all.
 
-Training examples predict the **validation** item from the training sequence (never the test item).
-When the retriever missed the true item, training examples insert it at a random position (seeded per
-user, so a rebuild gives the same lists); evaluation examples never do (a miss then scores 0).
+**Training lists** are built the way LlamaRec and S-DPO build theirs (docs/DECISIONS.md says what was
+taken and changed): from every training user and several positions of each history (the prefix before
+position t -> item t, a training item, so the validation and test items stay clean judges), each list
+the target plus K-1 negatives drawn from a mix (the retriever's highest-ranked wrong items for that
+prefix, popularity-sampled, uniform; never an item of the prefix, nor the user's validation or test
+item), **shuffled** with a seeded generator, so the target's label is uniform over A..K and position
+carries no signal. DPO pairs: chosen = the target's label, rejected = labels drawn at random from the
+list's wrong candidates (S-DPO draws 3), never always the same position.
+
+**Evaluation lists** (validation, test, the cold slice) are the retriever's top K in its order with its
+scores, as the service shows them; a target the retriever missed is not inserted (it scores 0).
 
 :func:`hf_label_logprobs` scores prompts with a transformers model exactly as ``llm.engine.score_labels``
 does with vLLM (log-softmax over the label tokens only), so training-side evaluation and serving agree.
@@ -20,20 +26,21 @@ different formula; compare in float32 on both sides when exact agreement matters
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from llm.labels import Label
-from llm.prompts import HistoryItem, PromptConfig, rerank_messages
+from llm.prompts import HistoryItem, PromptConfig, natural_title, rerank_messages
+from llm.scoring import rotate
 from retrieval.catalog import Catalog
 from retrieval.sasrec import SASRec
 from training.preferences import history_items
 from training.retriever import score_users
-from training.split import Split
 
 Message = dict[str, str]
 
@@ -41,21 +48,34 @@ Message = dict[str, str]
 @dataclass
 class RerankExample:
     user_id: str
-    candidates: list[int]  # item indices in the order shown (retriever order; an inserted target among them)
+    candidates: list[int]  # item indices in the order shown
     labels: list[Label]  # (text, token id) per candidate position
     messages: list[Message]  # llm.prompts.rerank_messages; render() them for vLLM
     target: int  # the true next item
     target_position: int | None  # its position in candidates; None if the retriever missed it (evaluation)
-    inserted: bool = False  # the target was put in by hand (training examples only)
+    retriever_scores: list[float] | None = None  # the retriever's score of each shown candidate (evaluation)
+    preference: str = ""  # what the prompt shows: the preference text, the recent history, the candidates
+    recent: list[HistoryItem] = field(default_factory=list)
+    items: list[HistoryItem] = field(default_factory=list)
+
+    def shifted_messages(self, shift: int, prompt_cfg: PromptConfig) -> list[Message]:
+        """The prompt with the candidates in cyclic order ``shift`` (llm.scoring.rotate), same labels."""
+        if shift == 0:
+            return self.messages
+        texts = [text for text, _ in self.labels]
+        return rerank_messages(self.preference, self.recent, rotate(self.items, shift), texts, prompt_cfg)
 
     @property
     def target_label(self) -> str | None:
         return None if self.target_position is None else self.labels[self.target_position][0]
 
-    @property
-    def negative_position(self) -> int:
-        """Position of the retriever's highest-ranked wrong candidate (the DPO rejected answer)."""
-        return next(i for i, item in enumerate(self.candidates) if item != self.target)
+    def wrong_positions(self) -> list[int]:
+        return [i for i, item in enumerate(self.candidates) if item != self.target]
+
+
+def _rng(seed: int, user: str, position: int = 0) -> np.random.Generator:
+    # crc32, unlike hash(), is stable across processes: the same split gives the same lists on every run
+    return np.random.default_rng([seed, zlib.crc32(user.encode("utf-8")), position])
 
 
 def retrieve(
@@ -65,115 +85,181 @@ def retrieve(
     users: Sequence[str],
     k: int,
     batch_size: int = 512,
-) -> dict[str, list[int]]:
-    """The retriever's top-``k`` items per user, best first, items of ``seqs[u]`` excluded.
-
-    Ties are broken by the lower item index, so the lists are deterministic.
-    """
-    out: dict[str, list[int]] = {}
+    banned: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, tuple[list[int], list[float]]]:
+    """The retriever's top-``k`` (items, scores) per key, best first; items of ``seqs[u]`` and
+    ``banned[u]`` excluded. Ties are broken by the lower item index, so the lists are deterministic."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
     for start in range(0, len(users), batch_size):
         chunk = list(users[start : start + batch_size])
         scores = score_users(model, seqs, prefs, chunk, batch_size).astype(np.float64)  # (b, N+1)
         scores[:, 0] = -np.inf
         for row, user in enumerate(chunk):
-            seen = np.asarray(list(seqs[user]), dtype=np.int64)
+            seen = np.asarray([*seqs[user], *(banned[user] if banned else ())], dtype=np.int64)
             scores[row, seen] = -np.inf
             top = np.argsort(-scores[row], kind="stable")[:k]
-            out[user] = [int(i) for i in top]
+            out[user] = ([int(i) for i in top], [float(scores[row, i]) for i in top])
     return out
 
 
-def candidate_list(
-    user: str, ranked: Sequence[int], target: int, k: int, insert_target: bool, seed: int
-) -> tuple[list[int], int | None, bool]:
-    """The K shown candidates, the target's position (or None) and whether it was inserted."""
-    shown = [int(i) for i in ranked[:k]]
-    if len(shown) < k:
-        raise ValueError(f"user {user!r}: the retriever gave {len(shown)} candidates, fewer than k={k}")
-    if target in shown:
-        return shown, shown.index(target), False
-    if not insert_target:
-        return shown, None, False
-    # The retriever's top K-1 keep their order; the target goes to a random slot, seeded per user so the
-    # same split gives the same lists on every run (crc32, unlike hash(), is stable across processes).
-    rng = np.random.default_rng([seed, zlib.crc32(user.encode("utf-8"))])
-    position = int(rng.integers(0, k))
-    shown = shown[: k - 1]
-    shown.insert(position, int(target))
-    return shown, position, True
+# ---- training lists -----------------------------------------------------------------------------------
 
 
-def build_examples(
+def negative_counts(k: int, hard: float, popular: float, uniform: float) -> tuple[int, int, int]:
+    """K-1 negatives split by the mix's weights (largest remainders), e.g. K=10, (0.5, 0.25, 0.25) -> 5, 2, 2."""
+    weights = np.array([hard, popular, uniform], dtype=np.float64)
+    if (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"negative mix weights must be >= 0 and not all 0, got {weights.tolist()}")
+    share = weights / weights.sum() * (k - 1)
+    counts = np.floor(share).astype(int)
+    for i in np.argsort(-(share - counts), kind="stable")[: k - 1 - counts.sum()]:
+        counts[i] += 1
+    return int(counts[0]), int(counts[1]), int(counts[2])
+
+
+def draw_list(
+    target: int,
+    excluded: set[int],
+    ranked: Sequence[int],
+    popularity: np.ndarray,
+    counts: tuple[int, int, int],
+    rng: np.random.Generator,
+) -> list[int]:
+    """The target and K-1 negatives, shuffled. ``excluded``: items never drawn (the prefix, the user's
+    validation and test items); ``ranked``: the retriever's items for the prefix, best first;
+    ``popularity``: (N+1,) training interaction counts (index 0 = padding, never drawn)."""
+    n_hard, n_pop, n_uni = counts
+    taken = {0, int(target), *excluded}
+    negatives = [int(i) for i in ranked if int(i) not in taken][:n_hard]
+    taken.update(negatives)
+    allowed = np.ones(len(popularity), dtype=bool)
+    allowed[list(taken)] = False
+    for n, weights in ((n_pop, popularity.astype(np.float64)), (n_uni + n_hard - len(negatives), None)):
+        pool = np.flatnonzero(allowed)
+        if n == 0:
+            continue
+        if len(pool) < n:
+            raise ValueError(f"the catalog has {len(pool)} items left to draw {n} negatives from")
+        p = None
+        if weights is not None:
+            w = weights[pool] + 1.0  # add-one: items never interacted with stay possible
+            p = w / w.sum()
+        picked = rng.choice(pool, size=n, replace=False, p=p)
+        negatives.extend(int(i) for i in picked)
+        allowed[picked] = False
+    shown = [int(target), *negatives]
+    return [shown[i] for i in rng.permutation(len(shown))]
+
+
+_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+
+
+def names_item(text: str, title: str) -> bool:
+    """Does the preference text name this title (catalogue or reading order, year dropped)?"""
+    low = text.lower()
+    bare = _YEAR.sub("", title).strip().lower()
+    return any(t and t in low for t in {bare, _YEAR.sub("", natural_title(title)).strip().lower()})
+
+
+def list_positions(catalog: Catalog, train: Sequence[int], preference: str, per_user: int) -> list[int]:
+    """The history positions t (target ``train[t]``, prompt history ``train[:t]``) a user's training
+    lists predict: the newest ``per_user`` with a non-empty prefix whose target the preference text does
+    not name (the text is written from the newest training items: a list whose answer it names would
+    teach "pick what the text names", useless when the next item is never one the text names)."""
+    out = []
+    for t in range(len(train) - 1, 0, -1):
+        if len(out) == per_user:
+            break
+        if not names_item(preference, catalog[train[t]].title):
+            out.append(t)
+    return sorted(out)
+
+
+def training_lists(
+    catalog: Catalog,
+    positions: Sequence[tuple[str, int]],
+    train: Mapping[str, Sequence[int]],
+    banned: Mapping[str, Sequence[int]],
+    ranked: Mapping[str, Sequence[int]],
+    popularity: np.ndarray,
+    preferences: Mapping[str, str],
+    labels: Sequence[Label],
+    prompt_cfg: PromptConfig,
+    counts: tuple[int, int, int],
+    seed: int,
+) -> list[RerankExample]:
+    """One shuffled list per (user, t) in ``positions``; ``ranked[f"{user}@{t}"]``: the retriever's
+    items for that prefix, best first; ``banned[user]``: the validation and test items."""
+    texts = [text for text, _ in labels]
+    out = []
+    for user, t in positions:
+        prefix, target = list(train[user][:t]), int(train[user][t])
+        rng = _rng(seed, user, t)
+        shown = draw_list(target, {*prefix, *banned[user]}, ranked[f"{user}@{t}"], popularity, counts, rng)
+        items = [candidate_item(catalog, i) for i in shown]
+        recent = history_items(catalog, prefix)[-prompt_cfg.max_recent :] if prompt_cfg.max_recent else []
+        preference = preferences.get(user, "")
+        out.append(
+            RerankExample(
+                user_id=user,
+                candidates=shown,
+                labels=list(labels),
+                messages=rerank_messages(preference, recent, items, texts, prompt_cfg),
+                target=target,
+                target_position=shown.index(target),
+                preference=preference,
+                recent=recent,
+                items=items,
+            )
+        )
+    return out
+
+
+def evaluation_examples(
     catalog: Catalog,
     users: Sequence[str],
     histories: Mapping[str, Sequence[int]],
     targets: Mapping[str, int],
-    ranked: Mapping[str, Sequence[int]],
+    retrieved: Mapping[str, tuple[list[int], list[float]]],
     preferences: Mapping[str, str],
     labels: Sequence[Label],
     prompt_cfg: PromptConfig,
-    ratings: Mapping[str, Sequence[float]] | None = None,
-    insert_target: bool = True,
-    seed: int = 0,
 ) -> list[RerankExample]:
-    """One re-rank example per user: K = len(labels) candidates from ``ranked[u]`` (best first).
+    """One list per user: the retriever's top K (``retrieved[u]``, best first, with scores) in its order.
 
-    histories[u]: what the prompt may show (the training sequence for training examples); targets[u]:
-    the true next item; preferences[u]: the preference text ('' if none).
+    histories[u]: what the prompt may show; targets[u]: the true next item (its position None when the
+    retriever missed it); preferences[u]: the preference text ('' if none).
     """
     k = len(labels)
     texts = [text for text, _ in labels]
     examples = []
     for user in users:
-        shown, position, inserted = candidate_list(user, ranked[user], targets[user], k, insert_target, seed)
-        recent = history_items(catalog, histories[user], ratings[user] if ratings is not None else None)
-        items = [_candidate(catalog, i) for i in shown]
-        messages = rerank_messages(preferences.get(user, ""), recent, items, texts, prompt_cfg)
+        items_k, scores_k = retrieved[user]
+        if len(items_k) < k:
+            raise ValueError(f"user {user!r}: the retriever gave {len(items_k)} candidates, fewer than k={k}")
+        shown, scores = [int(i) for i in items_k[:k]], [float(s) for s in scores_k[:k]]
+        target = int(targets[user])
+        items = [candidate_item(catalog, i) for i in shown]
+        recent = history_items(catalog, histories[user])[-prompt_cfg.max_recent :] if prompt_cfg.max_recent else []
+        preference = preferences.get(user, "")
         examples.append(
             RerankExample(
                 user_id=user,
                 candidates=shown,
                 labels=list(labels),
-                messages=messages,
-                target=int(targets[user]),
-                target_position=position,
-                inserted=inserted,
+                messages=rerank_messages(preference, recent, items, texts, prompt_cfg),
+                target=target,
+                target_position=shown.index(target) if target in shown else None,
+                retriever_scores=scores,
+                preference=preference,
+                recent=recent,
+                items=items,
             )
         )
     return examples
 
 
-def validation_examples(
-    catalog: Catalog,
-    split: Split,
-    users: Sequence[str],
-    ranked: Mapping[str, Sequence[int]],
-    preferences: Mapping[str, str],
-    labels: Sequence[Label],
-    prompt_cfg: PromptConfig,
-    insert_target: bool = True,
-    seed: int = 0,
-) -> list[RerankExample]:
-    """Training examples from a split: training sequence in, the validation item as the target."""
-    histories = {u: split.users[u].train for u in users}
-    targets = {u: split.users[u].valid for u in users}
-    ratings = {u: split.users[u].train_ratings for u in users}
-    return build_examples(
-        catalog,
-        users,
-        histories,
-        targets,
-        ranked,
-        preferences,
-        labels,
-        prompt_cfg,
-        ratings=ratings,
-        insert_target=insert_target,
-        seed=seed,
-    )
-
-
-def _candidate(catalog: Catalog, index: int) -> HistoryItem:
+def candidate_item(catalog: Catalog, index: int) -> HistoryItem:
     item = catalog[index]
     return HistoryItem(title=item.title, genres=item.genres, year=item.year)
 
@@ -187,18 +273,20 @@ def sft_rows(examples: Sequence[RerankExample]) -> list[dict[str, Any]]:
     ]
 
 
-def dpo_rows(examples: Sequence[RerankExample]) -> list[dict[str, Any]]:
-    """{prompt, chosen, rejected} rows for ``training.dpo.train_dpo``: true label vs the hard negative."""
-    return [
-        {
-            "user_id": e.user_id,
-            "prompt": e.messages,
-            "chosen": e.target_label,
-            "rejected": e.labels[e.negative_position][0],
-        }
-        for e in examples
-        if e.target_label is not None
-    ]
+def dpo_rows(examples: Sequence[RerankExample], rejected: int, seed: int) -> list[dict[str, Any]]:
+    """{prompt, chosen, rejected} rows for ``training.dpo.train_dpo``: the true label against ``rejected``
+    labels drawn at random from the list's wrong candidates (S-DPO draws 3), one row each."""
+    rows = []
+    for n, e in enumerate(examples):
+        if e.target_label is None:
+            continue
+        wrong = e.wrong_positions()
+        picked = _rng(seed, e.user_id, n).choice(wrong, size=min(rejected, len(wrong)), replace=False)
+        rows += [
+            {"user_id": e.user_id, "prompt": e.messages, "chosen": e.target_label, "rejected": e.labels[int(p)][0]}
+            for p in picked
+        ]
+    return rows
 
 
 # ---- scoring --------------------------------------------------------------------------------------------

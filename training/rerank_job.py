@@ -1,29 +1,41 @@
 """The re-rank job of the DPO loop (SPEC section 1; LlamaRec's verbalizer, Yue et al., arXiv 2311.02089).
 
-The served retriever's top K on the test step, scored in one forward pass per prompt from the label
-log-probabilities: zero-shot, after SFT on the validation step's true label, and after DPO continuing the
-SFT adapter (chosen = the true label, rejected = the retriever's highest-ranked wrong candidate; one
-rerank adapter on the base model). Candidates outside the top K keep the retriever's order below the
-re-ranked ones, so a user whose test item is not among the K keeps the retriever's rank whatever the LLM
-says: only the other users' prompts are scored (the same metric, a fraction of the work). Training
-examples predict the validation item from the training sequence; a missed target is inserted at a seeded
-slot (``rerank.insert_target``). The prompts show no ratings, as the service's do.
+1. Lists (``training.rerank``): shuffled training lists from every user's newest training positions
+   (a seeded sample of ``rerank.train_lists`` trains, calibration lists come from the rest); evaluation
+   lists, the served retriever's top K in its order with its scores, for the validation step, the test
+   step and the cold slice (the test step with only the newest ``rerank.cold_items`` items).
+2. SFT on the target's label, then DPO continuing the SFT adapter (chosen = the target's label,
+   rejected = random wrong labels of the list); one rerank adapter on the base model.
+3. Scoring, per model (zero-shot, SFT, SFT+DPO), one engine each: the calibration lists under cyclic
+   shifts (PriDe's label prior, ``llm.scoring``), the test and cold lists (and, for SFT+DPO, the
+   validation lists) under ``rerank.permutations`` orders.
+4. Fusion: ``z(retriever) + w z(LLM)`` with w from ``rerank.fusion_weights`` chosen on the **validation**
+   lists only (ties: the smaller w; 0 = the retriever alone). The chosen ``llm.scoring.ScoringSpec``
+   goes into ``llm.json``, so the service scores the way this job measured.
+
+Only lists whose target is among the K are scored: re-ordering the K cannot move any other user, who
+keeps the retriever's rank (the same metric, a fraction of the work).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llm.labels import candidate_labels
-from llm.prompts import render
+from llm.prompts import history_text, render
+from llm.scoring import ScoringSpec, estimate_prior, fused_scores, item_logprobs, order, shifts
 from training.dpo import train_dpo, train_sft
 from training.loop import (
     BASE_ROW,
-    RERANK_ROWS,
     LoopInputs,
     LoopOutputs,
+    compare,
     curve_json,
     engine_cfg,
     engine_jobs,
@@ -32,111 +44,313 @@ from training.loop import (
     sample_users,
     train_summary,
 )
-from training.pipeline import StageTimer, prompt_config, run_isolated
-from training.rerank import RerankExample, build_examples, dpo_rows, order_stats, rerank_order, retrieve, sft_rows
+from training.pipeline import StageTimer, popularity_scores, prompt_config, ranks_on_test, run_isolated
+from training.preferences import history_items
+from training.rerank import (
+    RerankExample,
+    dpo_rows,
+    evaluation_examples,
+    list_positions,
+    negative_counts,
+    order_stats,
+    retrieve,
+    sft_rows,
+    training_lists,
+)
+from training.retriever import score_users
 
 log = logging.getLogger(__name__)
 
+ZERO_SHOT, ZERO_SHOT_DEBIASED, SFT, SFT_DPO = (
+    "LLM re-rank zero-shot",
+    "LLM re-rank zero-shot, de-biased",
+    "LLM re-rank SFT",
+    "LLM re-rank SFT+DPO",
+)
+FUSED = "Served: retriever + w x LLM (SFT+DPO)"
+RERANK_ROWS = (ZERO_SHOT, ZERO_SHOT_DEBIASED, SFT, SFT_DPO, FUSED)
+COLD = " (cold)"
+COLD_RETRIEVER = "served retriever" + COLD
+RERANK_METRICS = ("NDCG@10", "MRR@10")  # re-ordering inside the top K cannot change Recall@K
 
-def rerank_examples(
-    inp: LoopInputs, tokenizer: Any, out: LoopOutputs
-) -> tuple[list[RerankExample], list[RerankExample]]:
-    """(test examples of every user, validation-step training examples of the sampled training users)."""
-    cfg, split, rc = inp.cfg, inp.split, inp.cfg.rerank
+
+def rerank_comparisons(
+    per_user: dict[str, dict[str, np.ndarray]], served_row: str, n_boot: int
+) -> list[dict[str, Any]]:
+    """Each re-rank row against the retriever it re-ranks (full set and cold slice), and DPO against SFT."""
+    out = []
+    for name in RERANK_ROWS:
+        out += compare(per_user, name, served_row, RERANK_METRICS, n_boot)
+        if name + COLD in per_user:
+            out += compare(per_user, name + COLD, COLD_RETRIEVER, RERANK_METRICS, n_boot)
+    return out + compare(per_user, SFT_DPO, SFT, RERANK_METRICS, n_boot)
+
+
+@dataclass
+class RerankLists:
+    train: list[RerankExample]  # shuffled lists SFT and DPO train on
+    calibration: list[RerankExample]  # shuffled lists not trained on: the label prior
+    valid: list[RerankExample]  # retriever order: train -> validation item (chooses the fusion weight)
+    test: list[RerankExample]  # retriever order: train + valid -> test item
+    cold: list[RerankExample]  # retriever order: the newest cold_items of train + valid -> test item
+    cold_ranks: np.ndarray | None  # (U,) the served retriever's test ranks on the cut histories
+
+
+def _user_vectors(out: LoopOutputs, users: Sequence[str]) -> dict[str, np.ndarray]:
+    assert out.vectors is not None
+    return {u: out.vectors[i] for i, u in enumerate(users)}
+
+
+def rerank_lists(inp: LoopInputs, tokenizer: Any, out: LoopOutputs) -> RerankLists:
+    """Every list the job trains, calibrates, chooses and measures on (see the module text)."""
+    cfg, split, rc, catalog = inp.cfg, inp.split, inp.cfg.rerank, inp.catalog
     labels = candidate_labels(tokenizer, rc.k)
     prompt_cfg = prompt_config(cfg)
-    assert out.vectors is not None and out.retriever is not None
-    prefs = {u: out.vectors[i] for i, u in enumerate(inp.users)}
-    test_seqs = {u: [*split.users[u].train, split.users[u].valid] for u in inp.users}
-    ranked = retrieve(out.retriever, test_seqs, prefs, inp.users, rc.k)
-    test = build_examples(
-        inp.catalog,
-        inp.users,
-        test_seqs,
-        {u: split.users[u].test for u in inp.users},
-        ranked,
+    retriever = out.retriever
+    assert retriever is not None
+    prefs = _user_vectors(out, inp.users)
+    train = {u: split.users[u].train for u in inp.users}
+    banned = {u: [split.users[u].valid, split.users[u].test] for u in inp.users}
+
+    # training pool: (user, t) positions; a seeded sample trains, calibration lists come from the rest
+    pool = [
+        (u, t)
+        for u in inp.users
+        for t in list_positions(catalog, train[u], out.texts.get(u, ""), rc.positions_per_user)
+    ]
+    keys = [f"{u}@{t}" for u, t in pool]
+    picked = set(sample_users(keys, rc.train_lists, rc.seed))
+    rest = [p for p, key in zip(pool, keys, strict=True) if key not in picked]
+    calibration = [
+        rest[i] for i in sorted(np.random.default_rng(rc.seed + 1).permutation(len(rest))[: rc.calibration_lists])
+    ]
+    chosen = [p for p, key in zip(pool, keys, strict=True) if key in picked]
+    wanted = chosen + calibration
+    n_hard = negative_counts(rc.k, rc.negatives.hard, rc.negatives.popular, rc.negatives.uniform)
+    ranked_keys = [f"{u}@{t}" for u, t in wanted]
+    ranked = retrieve(
+        retriever,
+        {f"{u}@{t}": train[u][:t] for u, t in wanted},
+        {f"{u}@{t}": prefs[u] for u, t in wanted},
+        ranked_keys,
+        n_hard[0] + 2,
+        banned={f"{u}@{t}": [*banned[u], train[u][t]] for u, t in wanted},
+    )
+    popularity = popularity_scores(catalog, train)
+    args = (
+        train,
+        banned,
+        {key: items for key, (items, _) in ranked.items()},
+        popularity,
         out.texts,
         labels,
         prompt_cfg,
-        ratings=None,
-        insert_target=False,
+        n_hard,
+        rc.seed,
     )
-    if rc.insert_target:  # a missed validation item is put among the K at a seeded slot
-        train_users = sample_users(inp.users, rc.train_users, rc.seed)
-        train_seqs = {u: split.users[u].train for u in train_users}
-        ranked = retrieve(out.retriever, train_seqs, prefs, train_users, rc.k)
-    else:  # only users whose validation item the retriever put among the K: what the scored prompts look like
-        train_seqs = {u: split.users[u].train for u in inp.users}
-        ranked = retrieve(out.retriever, train_seqs, prefs, inp.users, rc.k)
-        hits = [u for u in inp.users if split.users[u].valid in ranked[u]]
-        if not hits:  # nothing to train on in the scored prompts' shape; say so rather than stop the run
-            log.warning("re-rank: no validation item is in the top %d; training on inserted targets", rc.k)
-        train_users = sample_users(hits or inp.users, rc.train_users, rc.seed)
-        log.info(
-            "re-rank training: %d users sampled from the %d whose validation item is in the top %d",
-            len(train_users),
-            len(hits),
-            rc.k,
-        )
-    train = build_examples(
-        inp.catalog,
-        train_users,
-        train_seqs,
-        {u: split.users[u].valid for u in train_users},
-        ranked,
-        out.texts,
-        labels,
-        prompt_cfg,
-        ratings=None,
-        insert_target=True,  # a no-op for the hits; the fallback above needs it
-        seed=rc.seed,
-    )
-    return test, train
+    train_lists_ = training_lists(catalog, chosen, *args)
+    calibration_lists = training_lists(catalog, calibration, *args)
+
+    # evaluation lists in the served retriever's order
+    def evaluation(
+        histories: dict[str, list[int]],
+        targets: dict[str, int],
+        vectors: dict[str, np.ndarray],
+        texts: dict[str, str],
+        seen: dict[str, list[int]] | None = None,  # excluded beyond the history itself
+    ) -> list[RerankExample]:
+        got = retrieve(retriever, histories, vectors, inp.users, rc.k, banned=seen)
+        return evaluation_examples(catalog, inp.users, histories, targets, got, texts, labels, prompt_cfg)
+
+    valid = evaluation(train, {u: split.users[u].valid for u in inp.users}, prefs, out.texts)
+    served_seqs = {u: [*split.users[u].train, split.users[u].valid] for u in inp.users}
+    tests = {u: split.users[u].test for u in inp.users}
+    test = evaluation(served_seqs, tests, prefs, out.texts)
+    cold: list[RerankExample] = []
+    cold_ranks = None
+    if rc.cold_items:  # the same users, newest cold_items items; a history-text stand-in for the preference
+        cut = {u: served_seqs[u][-rc.cold_items :] for u in inp.users}
+        stand_in = {u: history_text(history_items(catalog, cut[u]), prompt_cfg) for u in inp.users}
+        vectors = inp.encoder.encode([stand_in[u] for u in inp.users])
+        cold_prefs = {u: vectors[i] for i, u in enumerate(inp.users)}
+        cold = evaluation(cut, tests, cold_prefs, stand_in, seen=served_seqs)  # seen items stay excluded
+        cold_ranks = ranks_on_test(score_users(retriever, cut, cold_prefs, inp.users), split, inp.users)
+    return RerankLists(train_lists_, calibration_lists, valid, test, cold, cold_ranks)
+
+
+def _hits(examples: Sequence[RerankExample]) -> list[RerankExample]:
+    return [e for e in examples if e.target_position is not None]
+
+
+class _Prompts:
+    """The prompts of one engine job, and where each list's orders landed in them."""
+
+    def __init__(self, tokenizer: Any, prompt_cfg: Any) -> None:
+        self.tokenizer, self.prompt_cfg = tokenizer, prompt_cfg
+        self.prompts: list[str] = []
+        self.label_ids: list[list[int]] = []
+        self.slots: dict[str, list[tuple[int, int]]] = {}  # group -> (start, end) per list
+
+    def add(self, group: str, examples: Sequence[RerankExample], order_shifts: Sequence[int]) -> None:
+        spans = self.slots.setdefault(group, [])
+        for e in examples:
+            start = len(self.prompts)
+            for s in order_shifts:
+                self.prompts.append(render(self.tokenizer, e.shifted_messages(s, self.prompt_cfg)))
+                self.label_ids.append([token for _, token in e.labels])
+            spans.append((start, len(self.prompts)))
+
+    def split(self, scores: list[np.ndarray], group: str) -> list[list[np.ndarray]]:
+        return [scores[a:b] for a, b in self.slots.get(group, [])]
+
+
+def _ndcg10(rank: int) -> float:
+    return 1.0 / np.log2(rank + 2) if rank < 10 else 0.0
+
+
+def _label_histogram(scores: Sequence[np.ndarray], k: int) -> list[float]:
+    """Share of lists whose best-scored label is A, B, ... (by position)."""
+    top = [int(order(s)[0]) for s in scores]
+    return (np.bincount(top, minlength=k) / max(len(top), 1)).round(4).tolist() if top else [0.0] * k
+
+
+def choose_weight(
+    valid: Sequence[RerankExample], llm_scores: Sequence[np.ndarray], weights: Sequence[float]
+) -> tuple[float, list[float]]:
+    """The fusion weight with the best validation NDCG@10 over the scored validation lists (ties: the
+    smaller weight, so the LLM must earn a weight above 0), and that NDCG for every weight tried."""
+    if not valid:
+        return 0.0, [0.0 for _ in weights]
+    curve = []
+    for w in weights:
+        gains = []
+        for e, s in zip(valid, llm_scores, strict=True):
+            ranked = order(fused_scores(np.asarray(e.retriever_scores), s, w))
+            gains.append(_ndcg10(int(np.flatnonzero(ranked == e.target_position)[0])))
+        curve.append(float(np.mean(gains)))
+    best = max(curve)
+    chosen = min(w for w, v in zip(weights, curve, strict=True) if v >= best - 1e-12)
+    return float(chosen), [round(v, 6) for v in curve]
 
 
 def rerank_job(inp: LoopInputs, tokenizer: Any, work: Path, timer: StageTimer, out: LoopOutputs) -> None:
-    """Zero-shot, SFT and SFT+DPO label scoring of the served retriever's top K; rows vs the retriever order."""
+    """Lists, SFT, DPO, scoring with the prior removed, the fusion weight; rows vs the served retriever."""
     cfg, rc = inp.cfg, inp.cfg.rerank
-    with timer("rerank_examples"):
-        test, train = rerank_examples(inp, tokenizer, out)
-    hits = [i for i, e in enumerate(test) if e.target_position is not None]  # the only users the LLM can move
+    prompt_cfg = prompt_config(cfg)
+    with timer("rerank_lists"):
+        lists = rerank_lists(inp, tokenizer, out)
+    test, valid, cold = _hits(lists.test), _hits(lists.valid), _hits(lists.cold)
+    counts = negative_counts(rc.k, rc.negatives.hard, rc.negatives.popular, rc.negatives.uniform)
     info: dict[str, Any] = {
         "k": rc.k,
-        "users": len(test),
-        "scored_users": len(hits),
-        "candidate_recall": len(hits) / max(len(test), 1),
-        "train_users": len(train),
-        "train_inserted": sum(e.inserted for e in train),
+        "users": len(lists.test),
+        "scored_users": len(test),
+        "candidate_recall": len(test) / max(len(lists.test), 1),
+        "train_lists": len(lists.train),
+        "train_users": len({e.user_id for e in lists.train}),
+        "negatives": dict(zip(("hard", "popular", "uniform"), counts, strict=True)),
+        "train_target_labels": np.bincount([e.target_position for e in lists.train], minlength=rc.k).tolist(),
+        "calibration_lists": len(lists.calibration),
+        "valid_scored_users": len(valid),
+        "cold_scored_users": len(cold),
+        "debias": rc.debias,
+        "permutations": rc.permutations,
     }
     log.info(
-        "re-rank: %d of %d test items are among the top %d (only those prompts are scored); %d training users",
-        len(hits),
+        "re-rank: %d training lists from %d users; %d of %d test items among the top %d (only those are scored)",
+        len(lists.train),
+        info["train_users"],
         len(test),
+        len(lists.test),
         rc.k,
-        len(train),
     )
     with timer("rerank_sft"):
-        sft = train_sft(inp.model_dir, sft_rows(train), rc.sft, work / "rerank_sft")
+        sft = train_sft(inp.model_dir, sft_rows(lists.train), rc.sft, work / "rerank_sft")
     with timer("rerank_dpo"):
-        dpo = train_dpo(inp.model_dir, dpo_rows(train), rc.dpo, work / "rerank_dpo", init_adapter=sft.adapter_dir)
+        rows = dpo_rows(lists.train, rc.dpo_rejected, rc.seed)
+        dpo = train_dpo(inp.model_dir, rows, rc.dpo, work / "rerank_dpo", init_adapter=sft.adapter_dir)
     info["sft"], info["dpo"] = train_summary(sft), train_summary(dpo)
+    info["dpo"]["rows"] = len(rows)
     out.doc.setdefault("dpo_curves", {}).update({"rerank SFT": curve_json(sft), "rerank SFT+DPO": curve_json(dpo)})
+
+    orders = shifts(rc.k, rc.permutations)
+    calibration_shifts = shifts(rc.k, rc.calibration_shifts or rc.k)
     with timer("rerank_score"):
-        prompts = [render(tokenizer, test[i].messages) for i in hits]
-        ids = [[token for _, token in test[i].labels] for i in hits]
+        batches = []
+        for name in ("zero-shot", "SFT", "SFT+DPO"):
+            p = _Prompts(tokenizer, prompt_cfg)
+            p.add("calibration", lists.calibration, calibration_shifts)
+            p.add("test", test, orders)
+            p.add("cold", cold, orders)
+            if name == "SFT+DPO":
+                p.add("valid", valid, orders)
+            batches.append(p)
+        adapters = (None, sft.adapter_dir, dpo.adapter_dir)
         jobs = [
-            {"kind": "score", "prompts": prompts, "label_ids": ids, **policy(inp, adapter, work)}
-            for adapter in (None, sft.adapter_dir, dpo.adapter_dir)
+            {"kind": "score", "prompts": b.prompts, "label_ids": b.label_ids, **policy(inp, a, work)}
+            for b, a in zip(batches, adapters, strict=True)
         ]
-        scores = run_isolated(engine_jobs, engine_cfg(cfg), jobs) if hits else [[], [], []]
+        raw = run_isolated(engine_jobs, engine_cfg(cfg), jobs)
+
     served = inp.ranks if out.served_row == BASE_ROW else out.ranks[out.served_row]
-    info["order"] = {}  # does each re-ranker follow the retriever's order or the target? (training.rerank)
-    for name, per_prompt in zip(RERANK_ROWS, scores, strict=True):
-        info["order"][name] = order_stats(per_prompt, [test[i].target_position for i in hits])
-        ranks = served.copy()  # outside the top K: the retriever's rank, unchanged
-        for i, s in zip(hits, per_prompt, strict=True):
-            ranks[i] = rerank_order(s, test[i].candidates).index(test[i].target)
-        out.ranks[name] = ranks
+    groups = [("test", test, lists.test, served, "")]
+    if lists.cold_ranks is not None:
+        groups.append(("cold", cold, lists.cold, lists.cold_ranks, COLD))
+    variants = {  # row -> (engine batch, de-biased?)
+        ZERO_SHOT: (0, False),
+        ZERO_SHOT_DEBIASED: (0, True),
+        SFT: (1, rc.debias == "pride"),
+        SFT_DPO: (2, rc.debias == "pride"),
+    }
+    info["order"], info["top_label"], info["prior"] = {}, {}, {}
+    rows: dict[str, dict[str, np.ndarray]] = {"": {}, COLD: {}}  # full set, cold slice
+    llm_scores: dict[tuple[str, str], list[np.ndarray]] = {}
+    specs: dict[str, ScoringSpec] = {}
+    for row, (b, debiased) in variants.items():
+        calibration = batches[b].split(raw[b], "calibration")
+        prior = tuple(estimate_prior(calibration).round(6)) if debiased else None
+        spec = specs[row] = ScoringSpec(weight=None, log_prior=prior, permutations=rc.permutations)
+        info["prior"][row] = list(prior) if prior else None
+        # where the top answer falls on the shuffled calibration lists (each shift a list): the label prior
+        shown = [item_logprobs([s], [0], spec) for per in calibration for s in per]
+        info["top_label"][row] = _label_histogram(shown, rc.k)
+        for group, scored, every, base, suffix in groups:
+            scores = llm_scores[row, group] = [
+                item_logprobs(per, orders, spec) for per in batches[b].split(raw[b], group)
+            ]
+            rows[suffix][row + suffix] = _rerank_ranks(base, every, scored, scores)
+            if group == "test":
+                info["order"][row] = order_stats(scores, [e.target_position for e in scored])
+
+    # the fusion weight, on validation lists only
+    valid_scores = [item_logprobs(per, orders, specs[SFT_DPO]) for per in batches[2].split(raw[2], "valid")]
+    weight, curve = choose_weight(valid, valid_scores, rc.fusion_weights)
+    info["fusion"] = {"weights": list(rc.fusion_weights), "valid_ndcg10_of_scored": curve, "chosen": weight}
+    log.info(
+        "re-rank: fusion weight %g chosen on %d validation lists (NDCG@10 by weight: %s)", weight, len(valid), curve
+    )
+    for group, scored, every, base, suffix in groups:
+        fused = [
+            fused_scores(np.asarray(e.retriever_scores), s, weight)
+            for e, s in zip(scored, llm_scores[SFT_DPO, group], strict=True)
+        ]
+        rows[suffix][FUSED + suffix] = _rerank_ranks(base, every, scored, fused)
+    out.ranks.update(rows[""])
+    if lists.cold_ranks is not None:
+        out.ranks[COLD_RETRIEVER] = lists.cold_ranks
+        out.ranks.update(rows[COLD])
+    out.scoring = ScoringSpec(weight=weight, log_prior=specs[SFT_DPO].log_prior, permutations=rc.permutations)
     out.doc["rerank"] = info
     out.files.update(read_tree(dpo.adapter_dir, "adapters/rerank"))
     out.adapters["rerank"] = "adapters/rerank"
+
+
+def _rerank_ranks(
+    base: np.ndarray, all_lists: Sequence[RerankExample], scored: Sequence[RerankExample], scores: Sequence[np.ndarray]
+) -> np.ndarray:
+    """``base`` (U,) with each scored list's target moved to its place in the scores' order."""
+    index = {e.user_id: i for i, e in enumerate(all_lists)}
+    ranks = base.copy()
+    for e, s in zip(scored, scores, strict=True):
+        ranks[index[e.user_id]] = int(np.flatnonzero(order(s) == e.target_position)[0])
+    return ranks

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.deps import LimiterDep, MaybeStateDep, SettingsDep
+from service.deps import LimiterDep, MaybeStateDep, ServiceState, SettingsDep
 from service.protocol import CheckResult, LivenessResponse, ReadinessResponse
 
 router = APIRouter(tags=["health"])
@@ -34,6 +34,7 @@ async def readyz(state: MaybeStateDep, settings: SettingsDep, limiter: LimiterDe
         else:
             alive = state.llm.alive
             checks["engine"] = CheckResult(ok=alive, detail="alive" if alive else "dead")
+        checks["rerank"] = CheckResult(ok=True, detail=_rerank_mode(state))
         reachable = await state.cache.ping()
         where = "embedded" if state.redis_server is not None else "external"
         checks["redis"] = CheckResult(
@@ -46,3 +47,15 @@ async def readyz(state: MaybeStateDep, settings: SettingsDep, limiter: LimiterDe
     ready = all(check.ok for check in checks.values())
     body = ReadinessResponse(ready=ready, model_version=state.artifacts.version if state else None, checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+def _rerank_mode(state: ServiceState) -> str:
+    """How /rerank orders the candidates: what the run chose (llm.json "scoring") and what is on."""
+    scoring = state.artifacts.llm.scoring
+    if state.llm is None:
+        return "retriever order (LLM disabled)"
+    if not scoring.uses_llm:
+        return "retriever order: the run chose fusion weight 0 (the LLM did not help on validation); no engine call"
+    prior = "label prior removed" if scoring.log_prior is not None else "raw label scores"
+    how = "LLM order" if scoring.weight is None else f"retriever + {scoring.weight:g} x LLM"
+    return f"{how}, {prior}, {scoring.permutations} candidate order(s)"

@@ -12,7 +12,8 @@ import pytest
 
 from retrieval.rundir import verify
 from training.config import from_dict, load_config
-from training.loop import BASE_ROW, RERANK_ROWS, aligned_row, sample_users
+from training.loop import BASE_ROW, aligned_row, sample_users
+from training.rerank_job import COLD, COLD_RETRIEVER, FUSED, RERANK_ROWS, SFT, SFT_DPO
 
 
 @pytest.mark.engine
@@ -33,12 +34,14 @@ def test_dpo_loop_and_rerank_job_tiny_run(tiny_loop_run) -> None:
     )
     verify(out, required=required)
     systems = [r["system"] for r in doc["rows"]]
-    assert systems == ["most-popular", "SASRec", BASE_ROW, aligned_row(1), *RERANK_ROWS]
+    cold_rows = [name + COLD for name in RERANK_ROWS]
+    assert systems == ["most-popular", "SASRec", BASE_ROW, aligned_row(1), *RERANK_ROWS, COLD_RETRIEVER, *cold_rows]
     for row in doc["rows"]:  # every row on the same 40 users' test items
         assert row["users"] == 40 and 0.0 <= row["NDCG@10"] <= row["Recall@10"] <= 1.0
     pairs = {(c["a"], c["b"]) for c in doc["comparisons"]}
     assert (aligned_row(1), BASE_ROW) in pairs
     assert {(name, aligned_row(1)) for name in RERANK_ROWS} <= pairs  # re-ranked vs the served retriever's order
+    assert {(name, COLD_RETRIEVER) for name in cold_rows} <= pairs and (SFT_DPO, SFT) in pairs
     for c in doc["comparisons"]:
         assert c["ci_low"] <= c["diff"] <= c["ci_high"] and c["n"] == 40
 
@@ -55,27 +58,43 @@ def test_dpo_loop_and_rerank_job_tiny_run(tiny_loop_run) -> None:
 
     # the re-rank job: only users whose test item is among the K are scored; the rest keep the retriever rank
     rerank = doc["rerank"]
-    assert rerank["k"] == 5 and 1 <= rerank["train_users"] <= 8 and 0 <= rerank["scored_users"] <= 40
+    assert rerank["k"] == 5 and rerank["train_lists"] == 8 and 0 <= rerank["scored_users"] <= 40
+    assert rerank["dpo"]["pairs"] == 16 and rerank["calibration_lists"] == 3  # 2 rejected labels per list
+    assert sum(rerank["train_target_labels"]) == 8
     served = next(r for r in doc["rows"] if r["system"] == aligned_row(1))
+    cold = next(r for r in doc["rows"] if r["system"] == COLD_RETRIEVER)
     for name in RERANK_ROWS:
-        row = next(r for r in doc["rows"] if r["system"] == name)
-        assert row["Recall@5"] == pytest.approx(served["Recall@5"])  # re-ordering the top 5 keeps its hits
-        assert row["Recall@20"] == pytest.approx(served["Recall@20"])
-        order = rerank["order"][name]  # how the LLM's order relates to the retriever's, per re-ranker
-        if rerank["scored_users"]:
+        for row_name, base in ((name, served), (name + COLD, cold)):
+            row = next(r for r in doc["rows"] if r["system"] == row_name)
+            assert row["Recall@5"] == pytest.approx(base["Recall@5"])  # re-ordering the top 5 keeps its hits
+            assert row["Recall@20"] == pytest.approx(base["Recall@20"])
+        if name != FUSED and rerank["scored_users"]:  # how the LLM's order relates to the retriever's
+            order = rerank["order"][name]
             assert order["prompts"] == rerank["scored_users"] and -1 <= order["spearman_with_retriever"] <= 1
             assert 1 <= order["target_position_after"] <= 5
+    # the label prior and the fusion weight: chosen among the configured weights, saved for the service
+    assert set(rerank["top_label"]) == set(RERANK_ROWS) - {FUSED}
+    assert all(abs(sum(h) - 1) < 1e-6 for h in rerank["top_label"].values())
+    fusion = rerank["fusion"]
+    assert fusion["weights"] == [0.0, 0.5, 1.0] and fusion["chosen"] in fusion["weights"]
+    assert len(fusion["valid_ndcg10_of_scored"]) == 3
 
     # the served artifacts: aligned preferences and both adapters, named in llm.json
     llm = json.loads((out / "llm.json").read_text())
     assert llm["adapters"] == {"preference": "adapters/preference", "rerank": "adapters/rerank"}
     assert llm["rerank_k"] == 5 and llm["prompt"]["max_recent"] == 3 and llm["prompt"]["max_history"] == 8
+    assert llm["scoring"]["weight"] == fusion["chosen"] and llm["scoring"]["permutations"] == 2
+    assert len(llm["scoring"]["log_prior"]) == 5
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["fusion_weight"] == fusion["chosen"]
+    assert manifest["llm_rerank"] == ("on" if fusion["chosen"] > 0 else "skipped (fusion weight 0)")
     adapter = json.loads((out / "adapters/rerank/adapter_config.json").read_text())
     assert adapter["r"] == 8
     report = (out / "report.md").read_text()
     for name in (aligned_row(1), *RERANK_ROWS):
         assert f"| {name} |" in report
-    assert "## Preference DPO loop" in report and "## Re-rank job" in report
+    assert "## Preference DPO loop" in report and "## Re-rank job" in report and "labels.png" in report
+    assert (out / "labels.png").is_file()
 
 
 def test_named_configs_load() -> None:

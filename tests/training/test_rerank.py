@@ -1,5 +1,6 @@
-"""training.rerank: candidate lists (with the seeded insertion of a missed target), SFT/DPO rows, label
-tokens as TRL tokenizes them, the transformers label scorer against vLLM's, and an SFT smoke run.
+"""training.rerank: training lists (shuffled, negatives from a mix, never the prefix nor a validation or test
+item), evaluation lists, SFT/DPO rows, label tokens as TRL tokenizes them, the transformers label scorer
+against vLLM's (label log-probs and the fused score), and an SFT smoke run.
 
 Tolerance for transformers vs vLLM label log-probs: 0.02 (max abs). Measured on the tiny bf16 model:
 max 0.0015 with HF in float32, 0.0021 in bf16 (vLLM computes in bf16, HF in fp32 reads the same bf16
@@ -18,20 +19,23 @@ import torch
 
 from llm.labels import candidate_labels, parse_label
 from llm.prompts import PromptConfig, render
+from llm.scoring import ScoringSpec, fused_scores, item_logprobs, order
 from retrieval.catalog import Catalog, Item
 from training.rerank import (
     RerankExample,
-    build_examples,
-    candidate_list,
     dpo_rows,
+    draw_list,
+    evaluation_examples,
     hf_label_logprobs,
+    list_positions,
+    names_item,
+    negative_counts,
     order_stats,
     rerank_order,
     retrieve,
     sft_rows,
-    validation_examples,
+    training_lists,
 )
-from training.split import Split, UserSplit
 
 TOLERANCE = 0.02
 GENRES = ("Comedy", "Horror", "Drama", "Action")
@@ -45,25 +49,88 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-# ---- candidate lists --------------------------------------------------------------------------------
+# ---- training lists ---------------------------------------------------------------------------------
 
 
-def test_a_retrieved_target_keeps_its_place() -> None:
-    shown, position, inserted = candidate_list("u", [5, 6, 7, 8, 9], target=7, k=4, insert_target=True, seed=0)
-    assert (shown, position, inserted) == ([5, 6, 7, 8], 2, False)
+def test_negative_counts_split_k_minus_one_by_the_mix() -> None:
+    assert negative_counts(10, 0.5, 0.25, 0.25) == (5, 2, 2)
+    assert negative_counts(5, 1, 0, 0) == (4, 0, 0)
+    assert sum(negative_counts(20, 0.3, 0.3, 0.4)) == 19
+    with pytest.raises(ValueError, match="not all 0"):
+        negative_counts(10, 0, 0, 0)
 
 
-def test_a_missed_target_is_inserted_at_a_seeded_position_for_training_only() -> None:
-    ranked = list(range(10, 30))
-    shown, position, inserted = candidate_list("u1", ranked, target=3, k=8, insert_target=True, seed=0)
-    assert inserted and len(shown) == 8 and shown[position] == 3
-    assert [i for i in shown if i != 3] == ranked[:7]  # the retriever's order is kept around it
-    assert candidate_list("u1", ranked, 3, 8, True, seed=0) == (shown, position, inserted)  # deterministic
-    positions = {candidate_list(f"user{i}", ranked, 3, 8, True, seed=0)[1] for i in range(40)}
-    assert len(positions) > 3  # seeded per user, not one fixed slot
-    assert candidate_list("u1", ranked, 3, 8, insert_target=False, seed=0) == (ranked[:8], None, False)
-    with pytest.raises(ValueError, match="fewer than k"):
-        candidate_list("u1", ranked[:3], 3, 8, True, 0)
+def test_target_label_is_uniform_and_negatives_avoid_the_prefix_and_held_out_items() -> None:
+    """Over many seeded lists the target sits at every label about equally often; no negative is ever an item
+    of the prefix, the target, or the user's validation/test item; the hard ones come first from the retriever."""
+    k, n_items = 8, 60
+    popularity = np.arange(n_items + 1, dtype=np.float64)
+    counts = (4, 2, 1)  # hard, popular, uniform
+    positions = []
+    for seed in range(400):
+        rng = np.random.default_rng(seed)
+        prefix, banned = {1, 2, 3, 40}, {50, 51}
+        ranked = [2, 50, 10, 11, 40, 12, 13, 14, 15]  # the retriever's best first, seen/held-out items among them
+        shown = draw_list(7, prefix | banned, ranked, popularity, counts, rng)
+        assert len(shown) == k == len(set(shown)) and 7 in shown and 0 not in shown
+        negatives = set(shown) - {7}
+        assert not negatives & (prefix | banned)
+        assert {10, 11, 12, 13} <= negatives  # the 4 hard negatives: the retriever's top wrong, unseen ones
+        positions.append(shown.index(7))
+    hist = np.bincount(positions, minlength=k) / len(positions)
+    assert np.abs(hist - 1 / k).max() < 0.05, hist  # uniform within sampling noise (400 lists, 8 labels)
+
+
+def test_list_positions_skip_targets_the_preference_names() -> None:
+    cat = catalog()
+    train = [1, 2, 3, 4, 5, 6]
+    assert list_positions(cat, train, "Likes comedies.", 3) == [3, 4, 5]
+    assert list_positions(cat, train, "Loved Film 6 and Film 5.", 3) == [1, 2, 3]  # items 5 and 6 are named
+    assert list_positions(cat, [1, 2], "", 5) == [1]  # the prefix is never empty
+    assert names_item("She loved the clash of the titans", "Clash of the Titans, The (1981)")
+    assert not names_item("She loved comedies", "Clash of the Titans, The (1981)")
+
+
+def test_training_lists_never_hold_a_validation_or_test_item(smollm2_tokenizer: Any) -> None:
+    cat = catalog()
+    labels = candidate_labels(smollm2_tokenizer, 6)
+    train = {"u": [1, 2, 3, 4, 5, 6, 7, 8]}
+    banned = {"u": [9, 10]}  # validation, test
+    positions = [("u", t) for t in (5, 6, 7)]
+    ranked = {f"u@{t}": [9, 10, 11, 12, 13, 14, 15, 16] for t in (5, 6, 7)}  # the retriever likes the held-out ones
+    lists = training_lists(
+        cat,
+        positions,
+        train,
+        banned,
+        ranked,
+        np.ones(31),
+        {"u": "Likes comedy."},
+        labels,
+        PromptConfig(max_recent=2),
+        negative_counts(6, 0.6, 0.2, 0.2),
+        seed=0,
+    )
+    for (_, t), e in zip(positions, lists, strict=True):
+        assert e.target == train["u"][t] and e.candidates[e.target_position] == e.target
+        assert not set(e.candidates) & {9, 10} and not set(e.candidates) & (set(train["u"][:t]) - {e.target})
+        text = e.messages[-1]["content"]
+        assert f"Film {train['u'][t - 1]}" in text and "Likes comedy." in text  # the prefix's newest item
+        assert f"{e.target_label}. Film {e.target}" in text
+    again = training_lists(
+        cat,
+        positions,
+        train,
+        banned,
+        ranked,
+        np.ones(31),
+        {"u": "Likes comedy."},
+        labels,
+        PromptConfig(max_recent=2),
+        negative_counts(6, 0.6, 0.2, 0.2),
+        seed=0,
+    )
+    assert [e.candidates for e in again] == [e.candidates for e in lists]  # seeded: rebuilt lists are the same
 
 
 def test_retrieve_is_the_retrievers_top_k_without_seen_items() -> None:
@@ -72,46 +139,58 @@ def test_retrieve_is_the_retrievers_top_k_without_seen_items() -> None:
     model = controlled_sasrec()
     prefs = {"a": pref([6, 5, 4, 3, 2, 1]), "b": pref([1, 2, 3, 4, 5, 6])}
     got = retrieve(model, {"a": [1], "b": [6, 2]}, prefs, ["a", "b"], k=3)
-    assert got == {"a": [2, 3, 4], "b": [5, 4, 3]}
+    assert {u: items for u, (items, _) in got.items()} == {"a": [2, 3, 4], "b": [5, 4, 3]}
+    assert all(scores == sorted(scores, reverse=True) for _, scores in got.values())
+    banned = retrieve(model, {"a": [1]}, prefs, ["a"], k=3, banned={"a": [3]})
+    assert banned["a"][0] == [2, 4, 5]
 
 
-# ---- examples, rows and label tokens ----------------------------------------------------------------
+# ---- evaluation lists, rows and label tokens --------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def examples(smollm2_tokenizer: Any) -> list[RerankExample]:
     labels = candidate_labels(smollm2_tokenizer, 6)
-    split = Split(
-        users={
-            "hit": UserSplit(train=[1, 2, 3], valid=12, test=29, train_ratings=[4.0, 5.0, 3.0]),
-            "miss": UserSplit(train=[4, 5], valid=2, test=30, train_ratings=[2.0, 4.0]),
-        },
-        dropped_users=0,
-    )
-    ranked = {"hit": [10, 11, 12, 13, 14, 15, 16], "miss": [20, 21, 22, 23, 24, 25, 26]}
-    return validation_examples(
-        catalog(), split, ["hit", "miss"], ranked, {"hit": "Likes comedy."}, labels, PromptConfig(max_recent=2)
+    histories = {"hit": [1, 2, 3], "miss": [4, 5]}
+    retrieved = {
+        "hit": ([10, 11, 12, 13, 14, 15, 16], [7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]),
+        "miss": ([20, 21, 22, 23, 24, 25, 26], [7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]),
+    }
+    return evaluation_examples(
+        catalog(),
+        ["hit", "miss"],
+        histories,
+        {"hit": 12, "miss": 2},
+        retrieved,
+        {"hit": "Likes comedy."},
+        labels,
+        PromptConfig(max_recent=2),
     )
 
 
-def test_training_examples_target_the_validation_item(examples: list[RerankExample]) -> None:
+def test_evaluation_lists_keep_the_retrievers_order_and_never_insert(examples: list[RerankExample]) -> None:
     hit, miss = examples
-    assert hit.target == 12 and hit.target_position == 2 and not hit.inserted and hit.target_label == "C"
-    assert miss.target == 2 and miss.inserted and miss.candidates[miss.target_position] == 2
+    assert hit.target == 12 and hit.target_position == 2 and hit.target_label == "C"
+    assert hit.candidates == [10, 11, 12, 13, 14, 15] and hit.retriever_scores == [7.0, 6.0, 5.0, 4.0, 3.0, 2.0]
+    assert miss.target_position is None and 2 not in miss.candidates
     text = hit.messages[-1]["content"]
-    assert "Likes comedy." in text and "Film 3" in text and "Film 29" not in text  # never the test item
-    assert "Film 12" in text and "C. Film 12" in text
+    assert "Likes comedy." in text and "Film 3" in text and "Film 1 " not in text  # max_recent=2
+    assert "C. Film 12" in text
+    shifted = hit.shifted_messages(1, PromptConfig(max_recent=2))[-1]["content"]
+    assert "A. Film 11" in shifted and "F. Film 10" in shifted  # cyclic shift: position p shows item p+1
 
 
 def test_sft_and_dpo_rows(examples: list[RerankExample]) -> None:
     hit, miss = examples
-    assert [r["completion"] for r in sft_rows(examples)] == [hit.target_label, miss.target_label]
-    rows = dpo_rows(examples)
-    # rejected: the retriever's highest-ranked wrong candidate
-    assert (rows[0]["chosen"], rows[0]["rejected"]) == ("C", "A")
-    expected_negative = "B" if miss.target_position == 0 else "A"
-    assert (rows[1]["chosen"], rows[1]["rejected"]) == (miss.target_label, expected_negative)
-    assert all(r["prompt"] is e.messages for r, e in zip(rows, examples, strict=True))
+    assert [r["completion"] for r in sft_rows(examples)] == [hit.target_label]  # a missed target trains nothing
+    rows = dpo_rows(examples, rejected=3, seed=0)
+    assert len(rows) == 3 and {r["chosen"] for r in rows} == {"C"}
+    assert len({r["rejected"] for r in rows}) == 3 and "C" not in {r["rejected"] for r in rows}
+    assert all(r["prompt"] is hit.messages for r in rows)
+    # over many lists the rejected label is spread over the wrong positions, not always the retriever's top
+    many = [RerankExample(f"u{i}", hit.candidates, hit.labels, hit.messages, 12, 2) for i in range(200)]
+    rejected = [r["rejected"] for r in dpo_rows(many, rejected=1, seed=0)]
+    assert set(rejected) == {"A", "B", "D", "E", "F"} and rejected.count("A") < 80
 
 
 def test_every_label_is_the_first_completion_token_as_trl_tokenizes_it(
@@ -153,10 +232,16 @@ def test_order_stats_tell_position_following_from_target_finding() -> None:
 # ---- scoring: transformers vs vLLM, and SFT -----------------------------------------------------------
 
 
-def scoring_prompts(tokenizer: Any, n: int = 5, k: int = 20) -> tuple[list[str], list[list[int]]]:
+def build_examples(cat, users, histories, targets, ranked, prefs, labels, cfg) -> list[RerankExample]:
+    """Evaluation lists from plain ranked items (scores falling with rank)."""
+    retrieved = {u: (ranked[u], [float(-i) for i in range(len(ranked[u]))]) for u in users}
+    return evaluation_examples(cat, users, histories, targets, retrieved, prefs, labels, cfg)
+
+
+def scoring_prompts(tokenizer: Any, n: int = 5, k: int = 20) -> tuple[list[str], list[list[int]], list[RerankExample]]:
     labels = candidate_labels(tokenizer, k)
     cat = catalog(60)
-    prompts, ids = [], []
+    prompts, ids, examples = [], [], []
     for u in range(n):
         ranked = list(range(20 + u, 20 + u + k))
         (ex,) = build_examples(
@@ -171,7 +256,8 @@ def scoring_prompts(tokenizer: Any, n: int = 5, k: int = 20) -> tuple[list[str],
         )
         prompts.append(render(tokenizer, ex.messages))
         ids.append([i for _, i in ex.labels])
-    return prompts, ids
+        examples.append(ex)
+    return prompts, ids, examples
 
 
 def test_hf_label_scores_agree_with_vllm(llm_engine: Any, tiny_llm_dir: Path, smollm2_tokenizer: Any) -> None:
@@ -179,7 +265,7 @@ def test_hf_label_scores_agree_with_vllm(llm_engine: Any, tiny_llm_dir: Path, sm
 
     from llm.engine import score_labels
 
-    prompts, ids = scoring_prompts(smollm2_tokenizer)
+    prompts, ids, examples = scoring_prompts(smollm2_tokenizer)
     ours = np.stack(
         hf_label_logprobs(
             AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.float32), smollm2_tokenizer, prompts, ids
@@ -191,6 +277,15 @@ def test_hf_label_scores_agree_with_vllm(llm_engine: Any, tiny_llm_dir: Path, sm
     # not vacuous: the scores vary across labels by much more than the tolerance, and the orders agree
     assert (ours.max(axis=1) - ours.min(axis=1)).min() > 10 * TOLERANCE
     assert (ours.argmax(axis=1) == theirs.argmax(axis=1)).all()
+    # the served score (prior removed, fused with the retriever) is the same function of either side's scores
+    prior = tuple(np.log(np.linspace(2.0, 1.0, ours.shape[1]) / np.linspace(2.0, 1.0, ours.shape[1]).sum()))
+    spec = ScoringSpec(weight=0.5, log_prior=prior)
+    for e, a, b in zip(examples, ours, theirs, strict=True):
+        fa = fused_scores(np.asarray(e.retriever_scores), item_logprobs([a], [0], spec), spec.weight)
+        fb = fused_scores(np.asarray(e.retriever_scores), item_logprobs([b], [0], spec), spec.weight)
+        # z-scoring divides a log-prob gap by the spread of the list (x2: the spread moves too)
+        assert np.abs(fa - fb).max() < 2 * spec.weight * TOLERANCE / min(a.std(), b.std())
+        assert order(fa)[0] == order(fb)[0]
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +354,7 @@ def test_dpo_continues_the_sft_adapter_against_it_as_reference(
     )
     result = train_dpo(
         tiny_llm_dir,
-        dpo_rows(sft_run["examples"]),
+        dpo_rows(sft_run["examples"], rejected=1, seed=0),
         cfg,
         tmp_path,
         progress=False,

@@ -79,8 +79,13 @@ def tiny_loop_config(data: Path, cache: Path, llm_dir: Path) -> dict[str, Any]:
         "rerank": {
             "enabled": True,
             "k": 5,
-            "insert_target": False,  # train on users whose validation item is among the 5 (the scored shape)
-            "train_users": 8,
+            "positions_per_user": 2,
+            "train_lists": 8,
+            "dpo_rejected": 2,
+            "calibration_lists": 3,
+            "calibration_shifts": 2,
+            "permutations": 2,
+            "fusion_weights": [0.0, 0.5, 1.0],
             "recent_items": 3,
             "preference_chars": 200,
             "sft": {**TRAIN, "max_steps": 2},
