@@ -44,7 +44,6 @@ class LLMJobConfig:
     generation: GenerationConfig  # for the preference job
     rerank_k: int  # labels prepared at start: the most candidates one prompt scores
     adapters: dict[str, Path | None]  # job -> LoRA folder
-    scoring: ScoringSpec = ScoringSpec()  # label prior and candidate orders (llm.json "scoring")
 
 
 class LanguageModel:
@@ -99,7 +98,12 @@ class LanguageModel:
         return str(texts[0]).strip()
 
     async def score(
-        self, preference: str, recent: list[HistoryItem], candidates: list[HistoryItem], request_id: str | None = None
+        self,
+        preference: str,
+        recent: list[HistoryItem],
+        candidates: list[HistoryItem],
+        scoring: ScoringSpec,
+        request_id: str | None = None,
     ) -> np.ndarray:
         """The LLM's score of each candidate (k,), in their order: label log-probs with the run's label
         prior removed, averaged over ``scoring.permutations`` candidate orders (one forward pass each,
@@ -108,7 +112,7 @@ class LanguageModel:
         if len(labels) < len(candidates):
             raise LLMError(f"only {len(self.labels)} labels prepared for {len(candidates)} candidates")
         texts, ids = [text for text, _ in labels], [i for _, i in labels]
-        orders = shifts(len(candidates), min(self.cfg.scoring.permutations, len(candidates)))
+        orders = shifts(len(candidates), min(scoring.permutations, len(candidates)))
 
         async def one(shift: int) -> np.ndarray:
             messages = rerank_messages(preference, recent, rotate(candidates, shift), texts, self.cfg.prompt)
@@ -119,7 +123,7 @@ class LanguageModel:
         per_order = await asyncio.gather(*(one(s) for s in orders))
         if not any(np.isfinite(p).any() for p in per_order):
             raise LLMError("the engine returned no finite label log-probabilities")
-        return item_logprobs(per_order, orders, self.cfg.scoring)
+        return item_logprobs(per_order, orders, scoring)
 
 
 def _engine_request_id(request_id: str | None, job: str) -> str:

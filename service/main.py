@@ -82,9 +82,7 @@ async def _start_llm(
     llm = LanguageModel(
         engine,
         tokenizer,
-        LLMJobConfig(
-            prompt=spec.prompt, generation=generation, rerank_k=rerank_k, adapters=spec.adapters, scoring=spec.scoring
-        ),
+        LLMJobConfig(prompt=spec.prompt, generation=generation, rerank_k=rerank_k, adapters=spec.adapters),
         metrics,
     )
     metrics.watch_engine(llm.unfinished_requests)

@@ -166,7 +166,7 @@ class RerankPipeline:
         recent = self._items(history[-self.llm.cfg.prompt.max_recent :]) if self.llm.cfg.prompt.max_recent else []
         try:
             llm = await asyncio.wait_for(
-                self.llm.score(preference, recent, self._items(head), request_id), timeout=budget
+                self.llm.score(preference, recent, self._items(head), self.scoring, request_id), timeout=budget
             )
         except asyncio.TimeoutError:
             degraded.add("llm_timeout")

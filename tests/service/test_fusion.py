@@ -41,8 +41,8 @@ def test_fused_order_moves_from_the_retrievers_to_the_llms_as_the_weight_grows(c
         orders[w] = [r.index for r in answer.results]
         scores = [r.relevance_score for r in answer.results]
         assert scores == sorted(scores, reverse=True) and np.isclose(sum(scores), 1.0)  # a distribution over K
-    assert orders[0.001] == list(range(8))
-    assert orders[1000.0] == orders[None]
+    assert orders[0.001] == list(range(8)) != orders[None]  # the LLM alone moves something
+    assert orders[1000.0][0] == orders[None][0]  # the LLM's favourite wins once its weight dominates
 
 
 def test_readyz_says_how_candidates_are_scored(client):
