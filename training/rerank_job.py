@@ -267,10 +267,10 @@ def rerank_job(inp: LoopInputs, tokenizer: Any, work: Path, timer: StageTimer, o
     with timer("rerank_sft"):
         sft = train_sft(inp.model_dir, sft_rows(lists.train), rc.sft, work / "rerank_sft")
     with timer("rerank_dpo"):
-        rows = dpo_rows(lists.train, rc.dpo_rejected, rc.seed)
-        dpo = train_dpo(inp.model_dir, rows, rc.dpo, work / "rerank_dpo", init_adapter=sft.adapter_dir)
+        pairs = dpo_rows(lists.train, rc.dpo_rejected, rc.seed)
+        dpo = train_dpo(inp.model_dir, pairs, rc.dpo, work / "rerank_dpo", init_adapter=sft.adapter_dir)
     info["sft"], info["dpo"] = train_summary(sft), train_summary(dpo)
-    info["dpo"]["rows"] = len(rows)
+    info["dpo"]["pairs"] = len(pairs)
     out.doc.setdefault("dpo_curves", {}).update({"rerank SFT": curve_json(sft), "rerank SFT+DPO": curve_json(dpo)})
 
     orders = shifts(rc.k, rc.permutations)
