@@ -25,6 +25,7 @@ from llm.engine import GenerationConfig, agenerate, ascore_labels, engine_alive,
 from llm.labels import Label, candidate_labels
 from llm.prompts import HistoryItem, PromptConfig, preference_messages, render, rerank_messages
 from llm.scoring import ScoringSpec, item_logprobs, rotate, shifts
+from service.admission import Admission
 from service.metrics import ServiceMetrics
 
 if TYPE_CHECKING:
@@ -46,15 +47,37 @@ class LLMJobConfig:
     adapters: dict[str, Path | None]  # job -> LoRA folder
 
 
+@dataclass(frozen=True)
+class RerankPrompts:
+    prompts: list[str]  # one per candidate order
+    orders: list[int]  # the cyclic shift of each (llm.scoring.shifts)
+    label_ids: list[int]  # label token ids, position order
+    tokens: list[int]  # prompt tokens of each
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens)
+
+
 class LanguageModel:
     """Preference generation and label scoring on one ``AsyncLLM`` (owned by the app's lifespan)."""
 
-    def __init__(self, engine: AsyncLLM, tokenizer: Any, cfg: LLMJobConfig, metrics: ServiceMetrics):
+    def __init__(
+        self,
+        engine: AsyncLLM,
+        tokenizer: Any,
+        cfg: LLMJobConfig,
+        metrics: ServiceMetrics,
+        admission: Admission | None = None,
+    ):
         self.engine = engine
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.metrics = metrics
         self.labels: list[Label] = candidate_labels(tokenizer, cfg.rerank_k)
+        # what the engine has admitted and how fast it goes (prompt tokens/s; measure_rate seeds it)
+        self.admission = admission or Admission(rate=200.0)
+        metrics.watch_admission(lambda: self.admission.pending, lambda: self.admission.rate)
         self.loras: dict[str, LoRARequest | None] = {
             job: make_lora(job, path, lora_id=i + 1) if path is not None else None
             for i, (job, path) in enumerate(sorted(cfg.adapters.items()))
@@ -67,12 +90,13 @@ class LanguageModel:
     def unfinished_requests(self) -> int:
         return int(self.engine.get_num_unfinished_requests())
 
-    async def _call(self, job: str, request_id: str, coro: Any) -> Any:
+    async def _call(self, job: str, request_id: str, coro: Any, tokens: int) -> Any:
         gauge = self.metrics.llm_in_flight.labels(job=job)
         self.metrics.llm_calls.labels(job=job).inc()
         gauge.inc()
         try:
-            return await coro
+            with self.admission.running(tokens):
+                return await coro
         except asyncio.CancelledError:
             # the deadline passed: make sure the engine stops working on it (agenerate also aborts)
             await asyncio.shield(self._abort(request_id))
@@ -81,6 +105,23 @@ class LanguageModel:
             raise LLMError(f"{job}: {type(e).__name__}: {e}") from e
         finally:
             gauge.dec()
+
+    def tokens(self, prompt: str) -> int:
+        """Prompt tokens as the engine counts them (the rendered template holds its own BOS)."""
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    async def measure_rate(self, prompt_tokens: int = 256, runs: int = 2) -> float:
+        """Prompt tokens/s of this engine on distinct prompts (no prefix-cache hits); seeds ``admission``."""
+        rates = []
+        for run in range(runs):
+            words = " ".join(f"w{run}x{i}" for i in range(prompt_tokens // 3))
+            prompt = f"Rate probe {uuid.uuid4().hex}: {words}"
+            n = self.tokens(prompt)
+            start = asyncio.get_running_loop().time()
+            await ascore_labels(self.engine, prompt, [i for _, i in self.labels[:2]], f"rate-probe-{run}")
+            rates.append(n / max(asyncio.get_running_loop().time() - start, 1e-6))
+        self.admission.rate = rates[-1]  # the first may still pay one-off costs
+        return self.admission.rate
 
     async def _abort(self, request_id: str) -> None:
         try:
@@ -92,38 +133,41 @@ class LanguageModel:
         """A free-text description of the user's tastes from their history (oldest first)."""
         prompt = render(self.tokenizer, preference_messages(history, self.cfg.prompt))
         rid = _engine_request_id(request_id, "pref")
+        cost = self.tokens(prompt) + self.cfg.generation.max_tokens  # decode steps counted like prompt tokens
         texts = await self._call(
-            "preference", rid, agenerate(self.engine, prompt, self.cfg.generation, rid, self.loras["preference"])
+            "preference", rid, agenerate(self.engine, prompt, self.cfg.generation, rid, self.loras["preference"]), cost
         )
         return str(texts[0]).strip()
 
-    async def score(
-        self,
-        preference: str,
-        recent: list[HistoryItem],
-        candidates: list[HistoryItem],
-        scoring: ScoringSpec,
-        request_id: str | None = None,
-    ) -> np.ndarray:
-        """The LLM's score of each candidate (k,), in their order: label log-probs with the run's label
-        prior removed, averaged over ``scoring.permutations`` candidate orders (one forward pass each,
-        run concurrently); ``llm.scoring`` is the same code training measured with."""
+    def rerank_prompts(
+        self, preference: str, recent: list[HistoryItem], candidates: list[HistoryItem], scoring: ScoringSpec
+    ) -> RerankPrompts:
+        """The prompts one re-rank sends: one per candidate order (``scoring.permutations``), with their tokens."""
         labels = self.labels[: len(candidates)]
         if len(labels) < len(candidates):
             raise LLMError(f"only {len(self.labels)} labels prepared for {len(candidates)} candidates")
-        texts, ids = [text for text, _ in labels], [i for _, i in labels]
+        texts = [text for text, _ in labels]
         orders = shifts(len(candidates), min(scoring.permutations, len(candidates)))
+        prompts = [
+            render(self.tokenizer, rerank_messages(preference, recent, rotate(candidates, s), texts, self.cfg.prompt))
+            for s in orders
+        ]
+        return RerankPrompts(prompts, orders, [i for _, i in labels], [self.tokens(p) for p in prompts])
 
-        async def one(shift: int) -> np.ndarray:
-            messages = rerank_messages(preference, recent, rotate(candidates, shift), texts, self.cfg.prompt)
+    async def score(self, prepared: RerankPrompts, scoring: ScoringSpec, request_id: str | None = None) -> np.ndarray:
+        """The LLM's score of each candidate (k,), in their order: label log-probs with the run's label
+        prior removed, averaged over the candidate orders (one forward pass each, run concurrently);
+        ``llm.scoring`` is the same code training measured with."""
+
+        async def one(prompt: str, tokens: int) -> np.ndarray:
             rid = _engine_request_id(request_id, "rank")
-            coro = ascore_labels(self.engine, render(self.tokenizer, messages), ids, rid, self.loras["rerank"])
-            return np.asarray(await self._call("rerank", rid, coro), dtype=np.float64)
+            coro = ascore_labels(self.engine, prompt, prepared.label_ids, rid, self.loras["rerank"])
+            return np.asarray(await self._call("rerank", rid, coro, tokens), dtype=np.float64)
 
-        per_order = await asyncio.gather(*(one(s) for s in orders))
+        per_order = await asyncio.gather(*(one(p, n) for p, n in zip(prepared.prompts, prepared.tokens, strict=True)))
         if not any(np.isfinite(p).any() for p in per_order):
             raise LLMError("the engine returned no finite label log-probabilities")
-        return item_logprobs(per_order, orders, scoring)
+        return item_logprobs(per_order, prepared.orders, scoring)
 
 
 def _engine_request_id(request_id: str | None, job: str) -> str:

@@ -10,6 +10,7 @@ metrics, API key, in-flight cap, body size.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -20,6 +21,7 @@ from fastapi import Depends, FastAPI
 
 from llm.engine import EngineConfig, async_engine
 from llm.models import resolve_model
+from llm.prompts import history_text
 from retrieval.encoder import TextEncoder
 from retrieval.rundir import RunDirError
 from service.artifacts import Artifacts, load_artifacts
@@ -85,6 +87,10 @@ async def _start_llm(
         LLMJobConfig(prompt=spec.prompt, generation=generation, rerank_k=rerank_k, adapters=spec.adapters),
         metrics,
     )
+    if settings.admission:  # the engine's prompt tokens/s on this machine, before the first request
+        rate = await llm.measure_rate()
+        log.info("engine rate measured: %.0f prompt tokens/s (admission by predicted completion on)", rate)
+    llm.admission.headroom = settings.admission_headroom
     metrics.watch_engine(llm.unfinished_requests)
     stack.callback(metrics.watch_engine, lambda: 0.0)  # drop the gauge's reference to the engine
     return llm
@@ -142,6 +148,8 @@ async def open_service(settings: Settings, metrics: ServiceMetrics) -> AsyncIter
             encoder=encoder,
             metrics=metrics,
             generation_timeout_s=settings.preference_timeout_s,
+            stand_in=functools.partial(history_text, config=artifacts.llm.prompt),
+            queue_size=settings.preference_queue,
         )
         stack.push_async_callback(preferences.close)
         log.info(

@@ -52,16 +52,31 @@ class ServiceMetrics:
         )  # cache | run | generated | none
         self.generations = Counter(
             "dpo4rec_preference_generations", "LLM preference generations by outcome", ["outcome"], registry=r
-        )  # ok | timeout | error
+        )  # ok | timeout | error | dropped
         self.degraded = Counter(
             "dpo4rec_degraded_responses", "answers with a degraded part, by reason", ["reason"], registry=r
         )
         self.llm_in_flight = Gauge(
             "dpo4rec_llm_requests_in_flight", "LLM calls this service has open", ["job"], registry=r
         )
+        self.preference_queue = Gauge(
+            "dpo4rec_preference_queue", "background preference generations pending or running", registry=r
+        )  # bounded by DPO4REC_PREFERENCE_QUEUE; beyond it a generation is dropped (outcome "dropped")
         self.llm_calls = Counter(
             "dpo4rec_llm_calls", "engine requests this service made, by job", ["job"], registry=r
         )  # a re-rank scores one prompt per candidate order
+        self.rerank_prompt_tokens = Histogram(
+            "dpo4rec_rerank_prompt_tokens",
+            "prompt tokens of a scored re-rank (all candidate orders)",
+            buckets=(64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096),
+            registry=r,
+        )
+        self.engine_pending_tokens = Gauge(
+            "dpo4rec_engine_pending_tokens", "prompt tokens of admitted LLM work not finished", registry=r
+        )
+        self.engine_token_rate = Gauge(
+            "dpo4rec_engine_token_rate", "measured engine rate, prompt tokens per busy second", registry=r
+        )
         self.engine_unfinished = Gauge(
             "dpo4rec_engine_unfinished_requests", "requests queued or running in the vLLM engine", registry=r
         )
@@ -70,6 +85,11 @@ class ServiceMetrics:
             self.llm_calls.labels(job=job)
         for result in ("hit", "miss", "error"):
             self.cache.labels(result=result)
+
+    def watch_admission(self, pending: Callable[[], float], rate: Callable[[], float]) -> None:
+        """Admission's view of the engine at scrape time: admitted tokens not finished, measured rate."""
+        self.engine_pending_tokens.set_function(pending)
+        self.engine_token_rate.set_function(rate)
 
     def watch_engine(self, unfinished: Callable[[], float]) -> None:
         """Read the engine's queue length at scrape time."""

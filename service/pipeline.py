@@ -2,7 +2,8 @@
 
 1. history: the request's (item ids, newest last; the newest ``max_history`` kept) or, for a user of
    the run, ``users.json``; an unknown user without history is a 422 naming it;
-2. preference: Redis -> the run's precomputed one -> LLM generation (see ``service.preferences``);
+2. preference: Redis -> the run's precomputed one -> the history stand-in, the LLM's text generated in
+   the background for the next request (see ``service.preferences``);
 3. candidates: the given ones (validated: count, unknown ids, duplicates -> 422), or FAISS retrieval
    with the retriever's user vector (last ``max_len`` items + the preference vector, zeros without
    one), excluding what the user has seen;
@@ -11,9 +12,9 @@
    the weight the run chose on validation users (``llm.scoring``); at weight 0 the engine is not
    called. The rest keep their order below (scores: ``service.ranking``).
 
-Deadline: the request's ``deadline_ms`` (capped by the service default) bounds the LLM stages. Waiting
-for a preference generation may use the time left minus a reserve for re-ranking; re-ranking may use
-what is left. A stage out of time or failing degrades (flagged), never fails the request.
+Deadline: the request's ``deadline_ms`` (capped by the service default) bounds the LLM re-rank; no
+request waits for a preference generation (a miss is answered with the history stand-in). A stage out
+of time or failing degrades (flagged), never fails the request.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from service.errors import DuplicateItemsError, TooManyItemsError, UnknownItemsE
 from service.language_model import LanguageModel, LLMError, label_probabilities
 from service.metrics import ServiceMetrics
 from service.preferences import PreferenceService
-from service.protocol import ItemInfo, RerankRequest, RerankResponse, RerankResult
+from service.protocol import CandidateItem, ItemInfo, RerankRequest, RerankResponse, RerankResult
 from service.ranking import final_order
 from service.settings import Settings
 
@@ -62,6 +63,13 @@ class _Clock:
             seconds = time.perf_counter() - begin
             self.timings_ms[name] = round(seconds * 1000, 3)
             metrics.stage_seconds.labels(stage=name).observe(seconds)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    item_id: str
+    index: int | None  # catalog index; None: a new item, known only by the text the request gave
+    text: HistoryItem  # what the LLM reads
 
 
 class RerankPipeline:
@@ -99,17 +107,31 @@ class RerankPipeline:
             raise UnknownUserError(req.user_id)
         return stored
 
-    def _candidates(self, req: RerankRequest) -> list[int] | None:
+    def _candidates(self, req: RerankRequest) -> list[Candidate] | None:
+        """Given candidates: catalog ids (an unknown one is a 422 naming it), or text-carrying items (a new
+        item when the catalog does not know its id)."""
         if req.candidates is None:
             return None
         if len(req.candidates) > self.settings.max_candidates:
             raise TooManyItemsError("candidates", len(req.candidates), self.settings.max_candidates)
-        indices = self._indices("candidates", req.candidates)
-        counts = Counter(req.candidates)
-        duplicates = [i for i, n in counts.items() if n > 1]
+        ids = [c.id if isinstance(c, CandidateItem) else c for c in req.candidates]
+        duplicates = [i for i, n in Counter(ids).items() if n > 1]
         if duplicates:
             raise DuplicateItemsError("candidates", duplicates)
-        return indices
+        catalog = self.artifacts.catalog
+        unknown = [c for c in req.candidates if isinstance(c, str) and c not in catalog]
+        if unknown:
+            raise UnknownItemsError("candidates", unknown)
+        return [
+            self._candidate(catalog.indices_of([item_id])[0])
+            if item_id in catalog
+            else Candidate(item_id, None, _text_of(entry))
+            for item_id, entry in zip(ids, req.candidates, strict=True)
+        ]
+
+    def _candidate(self, index: int) -> Candidate:
+        item = self.artifacts.catalog[index]
+        return Candidate(item.item_id, index, HistoryItem(title=item.title, genres=item.genres, year=item.year))
 
     # ---- stages -------------------------------------------------------------------------------------
 
@@ -125,7 +147,7 @@ class RerankPipeline:
             pref = (vector if vector is not None else np.zeros(self.pref_dim, np.float32)).reshape(1, -1)
         return retriever.user_vectors([history[-retriever.cfg.max_len :]], pref)
 
-    def _retrieve(self, history: list[int], vector: np.ndarray | None, k: int) -> tuple[list[int], np.ndarray]:
+    def _retrieve(self, history: list[int], vector: np.ndarray | None, k: int) -> tuple[list[Candidate], np.ndarray]:
         """Top-k unseen items for the user, best first, and their retriever scores (a worker thread: torch + FAISS)."""
         seen = set(history)
         k = min(k, self.artifacts.index.num_items - len(seen))
@@ -133,18 +155,23 @@ class RerankPipeline:
             return [], np.empty(0)
         scores, items = self.artifacts.index.search(self._query(history, vector), k, exclude=[seen])  # (1, k)
         keep = items[0] > 0
-        return [int(i) for i in items[0][keep]], scores[0][keep].astype(np.float64)
+        return [self._candidate(int(i)) for i in items[0][keep]], scores[0][keep].astype(np.float64)
 
-    def _scores_of(self, history: list[int], vector: np.ndarray | None, candidates: list[int]) -> np.ndarray:
-        """The retriever's scores of given candidates (inner products, as the index would give them)."""
+    def _scores_of(self, history: list[int], vector: np.ndarray | None, candidates: list[Candidate]) -> np.ndarray:
+        """The retriever's scores of given candidates (inner products, as the index would give them); a new
+        item, which the retriever has never seen, gets the prior ``new_item_score`` of the known ones."""
         query = self._query(history, vector)[0]
-        return self.artifacts.retriever.item_vectors()[candidates] @ query
+        known = [c.index for c in candidates if c.index is not None]
+        scores = self.artifacts.retriever.item_vectors()[known] @ query if known else np.zeros(0)
+        prior = float(getattr(np, self.settings.new_item_score)(scores)) if known else 0.0  # min | mean | max
+        values = iter(scores.tolist())
+        return np.array([next(values) if c.index is not None else prior for c in candidates], dtype=np.float64)
 
     async def _rerank(
         self,
         preference: str,
         history: list[int],
-        candidates: list[int],
+        candidates: list[Candidate],
         retriever_scores: np.ndarray | None,
         clock: _Clock,
         request_id: str,
@@ -159,15 +186,23 @@ class RerankPipeline:
         head = candidates[: self.rerank_k]
         if len(head) < 2:
             return None  # one candidate: nothing to re-rank
+        recent = self._items(history[-self.llm.cfg.prompt.max_recent :]) if self.llm.cfg.prompt.max_recent else []
+        try:
+            prepared = self.llm.rerank_prompts(preference, recent, [c.text for c in head], self.scoring)
+        except LLMError as e:
+            log.warning("re-rank prompts failed: %s", e)
+            degraded.add("llm_unavailable")
+            return None
+        self.metrics.rerank_prompt_tokens.observe(prepared.total_tokens)
         budget = clock.remaining()
         if budget <= 0:
             degraded.add("llm_timeout")
             return None
-        recent = self._items(history[-self.llm.cfg.prompt.max_recent :]) if self.llm.cfg.prompt.max_recent else []
+        if self.settings.admission and not self.llm.admission.admits(prepared.total_tokens, budget):
+            degraded.add("llm_shed")  # it would finish too late: the retriever answers now, no engine work queued
+            return None
         try:
-            llm = await asyncio.wait_for(
-                self.llm.score(preference, recent, self._items(head), self.scoring, request_id), timeout=budget
-            )
+            llm = await asyncio.wait_for(self.llm.score(prepared, self.scoring, request_id), timeout=budget)
         except asyncio.TimeoutError:
             degraded.add("llm_timeout")
             return None
@@ -190,11 +225,7 @@ class RerankPipeline:
         degraded: set[str] = set()
 
         with clock.stage("preference", self.metrics):
-            remaining = clock.remaining()
-            reserve = min(settings.rerank_reserve_ms / 1000, remaining / 2) if self.llm is not None else 0.0
-            resolved = await self.preferences.resolve(
-                req.user_id, self._items(history), budget_s=remaining - reserve, request_id=request_id
-            )
+            resolved = await self.preferences.resolve(req.user_id, self._items(history), request_id=request_id)
             degraded |= resolved.degraded
         self.metrics.preference_source.labels(source=resolved.source).inc()
         vector = resolved.preference.vector if resolved.preference is not None else None
@@ -233,7 +264,12 @@ class RerankPipeline:
             preference=text if req.explain and resolved.preference is not None else None,
         )
 
-    def _result(self, index: int, position: int, score: float, with_item: bool) -> RerankResult:
-        item = self.artifacts.catalog[index]
-        info = ItemInfo(title=item.title, genres=list(item.genres), year=item.year) if with_item else None
-        return RerankResult(item_id=item.item_id, index=position, relevance_score=score, item=info)
+    def _result(self, candidate: Candidate, position: int, score: float, with_item: bool) -> RerankResult:
+        text = candidate.text
+        info = ItemInfo(title=text.title, genres=list(text.genres), year=text.year) if with_item else None
+        return RerankResult(item_id=candidate.item_id, index=position, relevance_score=score, item=info)
+
+
+def _text_of(entry: CandidateItem | str) -> HistoryItem:
+    assert isinstance(entry, CandidateItem)  # an unknown plain id was refused above
+    return HistoryItem(title=entry.title, genres=tuple(entry.categories), year=entry.year)

@@ -1,8 +1,14 @@
-"""Where a request's preference comes from: Redis -> the run directory -> the LLM (one generation per user).
+"""Where a request's preference comes from: Redis -> the run directory -> a stand-in while the LLM writes one.
 
 Lookup order (SPEC section 7): the Redis cache; for a user of the run, the precomputed text and vector
-(written back to Redis); otherwise generate with the LLM, encode the text with the frozen text
-encoder, and store both with a TTL.
+(written back to Redis); otherwise the request is answered **at once** with a stand-in that needs no
+generation: the user's history lines as the text (the no-LLM control of docs/RESULTS.md, as good as
+SmolLM2's texts for the retriever), encoded by the frozen text encoder, flagged ``preference_pending``.
+The LLM's text is generated in the background, encoded, and stored with a TTL; the next request uses
+it. A miss never waits for a generation.
+
+Background generations are bounded (``preference_queue`` pending at once, ``dpo4rec_preference_queue``
+in /metrics): when the queue is full the generation is dropped, not the request (outcome ``dropped``).
 
 Generation is single-flight, at two levels:
 
@@ -12,9 +18,8 @@ Generation is single-flight, at two levels:
   replica holds it, the task polls the cache for that replica's result instead of generating. With
   Redis down, the in-process single-flight alone applies.
 
-The task is detached from the requests: a request whose deadline passes goes on without a preference
-(``preference_timeout``), while the generation finishes (bounded by ``preference_timeout_s``) and
-fills the cache for the next request. Shutdown cancels open generations, which aborts them in vLLM.
+The task is detached from the requests (bounded by ``preference_timeout_s``). Shutdown cancels open
+generations, which aborts them in vLLM.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import asyncio
 import functools
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,7 +42,7 @@ from service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
-Source = Literal["cache", "run", "generated", "none"]
+Source = Literal["cache", "run", "history", "none"]
 LOCK_POLL_S = 0.05  # how often a replica waiting on another's generation looks at the cache
 
 
@@ -50,7 +56,7 @@ class Resolved:
 @dataclass(frozen=True)
 class _Generated:
     preference: Preference
-    source: Source  # "generated", or "cache" when another replica generated it
+    source: str  # "generated", or "cache" when another replica generated it
     cache_failed: bool
 
 
@@ -65,6 +71,8 @@ class PreferenceService:
         encoder: TextEncoder,
         metrics: ServiceMetrics,
         generation_timeout_s: float,
+        stand_in: Callable[[list[HistoryItem]], str],
+        queue_size: int = 64,
     ):
         self.version = version
         self.run_preferences = run_preferences
@@ -73,10 +81,13 @@ class PreferenceService:
         self.encoder = encoder
         self.metrics = metrics
         self.generation_timeout_s = generation_timeout_s
+        self.stand_in = stand_in  # history -> text (llm.prompts.history_text with the run's prompt settings)
+        self.queue_size = queue_size
         self._tasks: dict[str, asyncio.Task[_Generated]] = {}
+        metrics.preference_queue.set_function(lambda: len(self._tasks))
 
-    async def resolve(self, user_id: str, history: list[HistoryItem], budget_s: float, request_id: str) -> Resolved:
-        """The user's preference within ``budget_s`` seconds of waiting for a generation."""
+    async def resolve(self, user_id: str, history: list[HistoryItem], request_id: str) -> Resolved:
+        """The user's preference, without waiting for any generation."""
         degraded: set[str] = set()
         if self.cache is not None:
             try:
@@ -97,31 +108,31 @@ class PreferenceService:
                 except CacheUnavailable:
                     degraded.add("cache_unavailable")
             return Resolved(preference, "run", degraded)
-        if self.llm is None or not history:
+        if not history:
             return Resolved(None, "none", degraded)
-        task = self._tasks.get(user_id)
-        if task is None:
-            task = asyncio.create_task(self._generate(user_id, history, request_id), name=f"preference:{user_id}")
-            self._tasks[user_id] = task
-            task.add_done_callback(functools.partial(self._forget, user_id))
-        try:
-            done = await asyncio.wait_for(asyncio.shield(task), timeout=max(budget_s, 0.0))
-        except asyncio.TimeoutError:
-            degraded.add("preference_timeout")
-            return Resolved(None, "none", degraded)
-        except Exception as e:  # generation or encoding failed; the request goes on without
-            log.warning("preference for %s unavailable: %s", user_id, e)
-            degraded.add("preference_unavailable")
-            return Resolved(None, "none", degraded)
-        if done.cache_failed:
-            degraded.add("cache_unavailable")
-        return Resolved(done.preference, done.source, degraded)
+        if self.llm is not None and self._schedule(user_id, history, request_id):
+            degraded.add("preference_pending")
+        text = self.stand_in(history)
+        vector = (await asyncio.to_thread(self.encoder.encode, [text]))[0]  # (D,) float32
+        return Resolved(Preference(text=text, vector=vector), "history", degraded)
+
+    def _schedule(self, user_id: str, history: list[HistoryItem], request_id: str) -> bool:
+        """Start (or join) the user's background generation; False when the queue is full (dropped)."""
+        if user_id in self._tasks:
+            return True
+        if len(self._tasks) >= self.queue_size:
+            self.metrics.generations.labels(outcome="dropped").inc()
+            return False
+        task = asyncio.create_task(self._generate(user_id, history, request_id), name=f"preference:{user_id}")
+        self._tasks[user_id] = task
+        task.add_done_callback(functools.partial(self._forget, user_id))
+        return True
 
     def _forget(self, user_id: str, task: asyncio.Task[_Generated]) -> None:
         if self._tasks.get(user_id) is task:
             del self._tasks[user_id]
         if not task.cancelled() and task.exception() is not None:
-            log.debug("generation task for %s failed: %s", user_id, task.exception())
+            log.warning("background preference for %s failed: %s", user_id, task.exception())
 
     async def _generate(self, user_id: str, history: list[HistoryItem], request_id: str) -> _Generated:
         try:

@@ -28,13 +28,28 @@ UserId = Annotated[str, BeforeValidator(_id_text), Field(min_length=1, max_lengt
 
 DegradedReason = Literal[
     "cache_unavailable",  # Redis down or erroring: no cache read/write for this request
-    "preference_timeout",  # the preference was not ready within the deadline; answered without it
+    "preference_pending",  # no preference yet: answered with the history stand-in while the LLM writes one
     "preference_unavailable",  # generating or encoding the preference failed
+    "llm_shed",  # LLM re-ranking would not have finished within the deadline: skipped at once, retriever order
     "llm_timeout",  # LLM re-ranking did not finish within the deadline: retriever/given order
     "llm_unavailable",  # the engine failed: retriever/given order
     "llm_disabled",  # the service runs without an LLM (DPO4REC_LLM_ENABLED=false)
 ]
-PreferenceSource = Literal["cache", "run", "generated", "none"]
+PreferenceSource = Literal["cache", "run", "history", "none"]  # history: the stand-in of a miss
+
+
+class CandidateItem(BaseModel):
+    """A candidate given by its text: an item the catalog may not know (a new item). The LLM scores it from
+    this text; the retriever, which has never seen it, gives it the service's prior (``new_item_score``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: ItemId = Field(description="the item's id, echoed in the results")
+    title: str = Field(min_length=1, max_length=300, examples=["The Grand Budapest Hotel (2014)"])
+    categories: list[Annotated[str, Field(min_length=1, max_length=60)]] = Field(
+        default_factory=list, max_length=20, description="genres or categories", examples=[["Comedy", "Drama"]]
+    )
+    year: int | None = Field(None, ge=0, le=9999)
 
 
 class RerankRequest(BaseModel):
@@ -63,10 +78,13 @@ class RerankRequest(BaseModel):
         description="item ids the user interacted with, newest last; required for an unknown user",
         examples=[["50", "181", "258"]],
     )
-    candidates: list[ItemId] | None = Field(
+    candidates: list[ItemId | CandidateItem] | None = Field(
         None,
         min_length=1,
-        description="item ids to re-rank (distinct); when absent the service retrieves candidates",
+        description=(
+            "items to re-rank (distinct ids): catalog ids, or objects with an id and text (title, categories) "
+            "for items the catalog does not know; when absent the service retrieves candidates"
+        ),
         examples=[["1", "7", "100", "121"]],
     )
     top_n: int | None = Field(None, ge=1, description="results to return (default: the service's)", examples=[5])

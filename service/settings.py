@@ -50,12 +50,19 @@ class Settings(BaseSettings):
     max_candidates: int = Field(500, ge=1, description="more given candidates than this is a 422")
     default_top_n: int = Field(10, ge=1, description="results returned when the request has no top_n")
     deadline_ms: int = Field(3000, ge=1, description="default request deadline; a request may lower it")
-    rerank_reserve_ms: int = Field(
-        500, ge=0, description="time kept for LLM re-ranking while waiting for a preference generation"
+    admission: bool = Field(
+        True, description="skip the LLM at once (llm_shed) when its predicted completion misses the deadline"
     )
-    preference_timeout_s: float = Field(
-        30.0, gt=0, description="bound on one background preference generation (shared by waiters)"
+    admission_headroom: float = Field(
+        1.0, ge=0.1, description="predicted LLM time x this must fit the remaining deadline to be admitted"
     )
+    new_item_score: Literal["min", "mean", "max"] = Field(
+        "mean", description="retriever score of a given new item (text only), from the known candidates' scores"
+    )
+    preference_queue: int = Field(
+        64, ge=0, description="background preference generations pending at once; beyond it one is dropped"
+    )
+    preference_timeout_s: float = Field(30.0, gt=0, description="bound on one background preference generation")
 
     # ---- protection ---------------------------------------------------------------------------------
     max_in_flight: int = Field(64, ge=1, description="concurrent /rerank requests; beyond -> 429")

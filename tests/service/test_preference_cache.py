@@ -1,4 +1,5 @@
-"""Preferences: cache miss then hit, ONE generation for concurrent requests, Redis outage and recovery."""
+"""Preferences: a miss answered at once with the history stand-in while ONE background generation (however
+many requests) fills the cache for the next request; the bounded queue; Redis outage and recovery."""
 
 from __future__ import annotations
 
@@ -15,14 +16,22 @@ CACHE = "dpo4rec_preference_cache_lookups_total"
 
 
 def test_cache_miss_then_hit_for_a_new_user(client, app):
-    misses, hits = metric(app, CACHE, result="miss"), metric(app, CACHE, result="hit")
-    first = client.post("/rerank", json={"user_id": "new-cache-1", "history": HISTORY, "explain": True}).json()
-    assert first["preference_source"] == "generated" and first["degraded"] == []
+    misses, generated = metric(app, CACHE, result="miss"), metric(app, GENERATIONS, outcome="ok")
+    body = {"user_id": "new-cache-1", "history": HISTORY, "explain": True}
+    first = client.post("/rerank", json=body).json()
+    # answered without waiting: the history lines stand in, the LLM's text is on its way
+    assert first["preference_source"] == "history" and first["degraded"] == ["preference_pending"]
+    assert " | " in first["preference"]  # history lines ("Title (year) | genres; ..."), not an LLM text
     assert metric(app, CACHE, result="miss") == misses + 1
-    second = client.post("/rerank", json={"user_id": "new-cache-1", "history": HISTORY, "explain": True}).json()
-    assert second["preference_source"] == "cache"
-    assert metric(app, CACHE, result="hit") == hits + 1
-    assert second["preference"] == first["preference"]
+    second = _wait_for(lambda: _cached(client, body))
+    assert second, "the background generation fills the cache"
+    assert second["preference"] != first["preference"] and second["degraded"] == []
+    assert metric(app, GENERATIONS, outcome="ok") == generated + 1
+
+
+def _cached(client, body):
+    answer = client.post("/rerank", json=body).json()
+    return answer if answer["preference_source"] == "cache" else None
 
 
 def test_known_user_without_cache_entry_uses_the_run(client, app):
@@ -36,27 +45,43 @@ def test_known_user_without_cache_entry_uses_the_run(client, app):
 
 def test_concurrent_requests_for_one_new_user_cause_one_generation(client, app):
     before = metric(app, GENERATIONS, outcome="ok")
+    body = {"user_id": "new-burst-1", "history": HISTORY, "top_n": 3}
 
     async def burst() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as http:
-            body = {"user_id": "new-burst-1", "history": HISTORY, "top_n": 3}
             return list(await asyncio.gather(*(http.post("/rerank", json=body) for _ in range(8))))
 
     responses = run_async(client, burst)
     assert [r.status_code for r in responses] == [200] * 8
-    assert {r.json()["preference_source"] for r in responses} == {"generated"}
+    assert {r.json()["preference_source"] for r in responses} == {"history"}
+    assert _wait_for(lambda: _cached(client, body))
     assert metric(app, GENERATIONS, outcome="ok") == before + 1
 
 
 def test_known_user_without_precomputed_preference_generates_from_stored_history(client, app):
     before = metric(app, GENERATIONS, outcome="ok")
     body = client.post("/rerank", json={"user_id": "u27", "top_n": 3}).json()  # users 25..29: no preference
-    assert body["preference_source"] == "generated"
+    assert body["preference_source"] == "history" and "preference_pending" in body["degraded"]
+    assert _wait_for(lambda: _cached(client, {"user_id": "u27", "top_n": 3}))
     assert metric(app, GENERATIONS, outcome="ok") == before + 1
 
 
-def _wait_for(predicate, timeout_s: float = 10.0, every_s: float = 0.1):
+def test_a_full_queue_drops_the_generation_not_the_request(client, app):
+    state = app.state.service.preferences
+    dropped = metric(app, GENERATIONS, outcome="dropped")
+    size = state.queue_size
+    state.queue_size = 0  # as if 0 slots were free
+    try:
+        body = client.post("/rerank", json={"user_id": "new-full-1", "history": HISTORY, "top_n": 3}).json()
+    finally:
+        state.queue_size = size
+    assert body["preference_source"] == "history" and "preference_pending" not in body["degraded"]
+    assert len(body["results"]) == 3 and metric(app, GENERATIONS, outcome="dropped") == dropped + 1
+    assert metric(app, "dpo4rec_preference_queue") >= 0
+
+
+def _wait_for(predicate, timeout_s: float = 60.0, every_s: float = 0.2):
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
@@ -93,8 +118,8 @@ def test_tiny_deadline_for_a_new_user_goes_on_without_waiting(client, app):
     body = client.post(
         "/rerank", json={"user_id": "new-hurry-1", "history": HISTORY, "top_n": 4, "deadline_ms": 1}
     ).json()
-    assert {"preference_timeout", "llm_timeout"} <= set(body["degraded"])
-    assert body["preference_source"] == "none"
+    assert {"preference_pending", "llm_timeout"} <= set(body["degraded"])
+    assert body["preference_source"] == "history"
     assert [r["index"] for r in body["results"]] == [0, 1, 2, 3]  # retriever order
 
     # the generation went on in the background and filled the cache for the next request

@@ -76,3 +76,25 @@ def test_openapi_documents_both_routes_with_examples(client):
     assert request.get("examples"), "the request model carries OpenAPI examples"
     assert spec["components"]["schemas"]["RerankResponse"].get("examples")
     assert "422" in spec["paths"]["/rerank"]["post"]["responses"]
+
+
+def test_new_items_with_text_are_scored_and_unknown_ids_without_text_are_named(client):
+    new = [
+        {"id": "new-1", "title": "Silent Harbour (2031)", "categories": ["Drama"], "year": 2031},
+        {"id": "new-2", "title": "Iron Comedy Night", "categories": ["Comedy", "Action"]},
+    ]
+    body = {"user_id": "u6", "candidates": ["150", *new, "141"], "top_n": 4, "return_items": True}
+    answer = client.post("/rerank", json=body)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert result["degraded"] == [] and {r["item_id"] for r in result["results"]} == {"150", "new-1", "new-2", "141"}
+    by_id = {r["item_id"]: r for r in result["results"]}
+    assert by_id["new-1"]["item"] == {"title": "Silent Harbour (2031)", "genres": ["Drama"], "year": 2031}
+    assert by_id["new-2"]["index"] == 2 and 0 < by_id["new-2"]["relevance_score"] <= 1  # scored by the LLM
+    # a known id may come with text too (the catalog's own text is used); an unknown id without text is a 422
+    mixed = {"user_id": "u6", "candidates": ["150", {"id": "141", "title": "ignored"}, "no-such-item"]}
+    refused = client.post("/rerank", json=mixed)
+    assert refused.status_code == 422 and "'no-such-item'" in refused.json()["error"]["message"]
+    assert refused.json()["error"]["param"] == "candidates"
+    duplicate = client.post("/rerank", json={"user_id": "u6", "candidates": ["150", {"id": "150", "title": "x"}]})
+    assert duplicate.status_code == 422 and duplicate.json()["error"]["type"] == "duplicate_items"

@@ -1,0 +1,66 @@
+"""Admission by predicted completion: LLM work is admitted only when it can finish inside its deadline.
+
+On a CPU, prefill is compute-bound: the engine works through prompt tokens at a roughly fixed rate,
+and concurrent requests share that rate instead of adding to it (docs/BENCHMARKS.md). So the time a
+new re-rank would take is about ``(prompt tokens already admitted and not finished + its own) / rate``.
+A request whose LLM stage would not finish inside its remaining deadline skips the LLM at once
+(``llm_shed``) and is answered from the retriever, instead of queueing work that would be thrown away
+and making every later request late too.
+
+The rate is a moving estimate in prompt tokens per second of engine busy time: seeded by a measurement
+at start (``LanguageModel.measure_rate``), then updated from completed work (an exponential moving
+average over samples of at least ``min_sample_s`` of busy time). Background preference generations
+count too (their prompt plus their generation budget, in the same token units), since they take the
+same cores.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class Admission:
+    def __init__(self, rate: float, alpha: float = 0.3, min_sample_s: float = 0.25, headroom: float = 1.0):
+        if rate <= 0:
+            raise ValueError(f"the initial rate must be > 0 tokens/s, got {rate}")
+        self.rate = float(rate)  # prompt tokens per second of busy engine
+        self.alpha = alpha
+        self.min_sample_s = min_sample_s
+        self.headroom = headroom  # predicted time x headroom must fit the deadline (>1: more cautious)
+        self.pending = 0  # tokens of admitted work not finished
+        self._sample_start: float | None = None
+        self._sample_tokens = 0
+
+    def predicted_s(self, tokens: int) -> float:
+        """Seconds until work of ``tokens`` admitted now would finish, behind what is pending."""
+        return (self.pending + tokens) / self.rate
+
+    def admits(self, tokens: int, remaining_s: float) -> bool:
+        return self.predicted_s(tokens) * self.headroom <= remaining_s
+
+    @contextmanager
+    def running(self, tokens: int) -> Iterator[None]:
+        """Account for admitted work while it runs; completed work updates the rate, cancelled work does not."""
+        now = time.perf_counter()
+        if self.pending == 0:  # a busy period starts: idle time never enters a rate sample
+            self._sample_start, self._sample_tokens = now, 0
+        self.pending += tokens
+        completed = False
+        try:
+            yield
+            completed = True
+        finally:
+            self.pending -= tokens
+            if completed:
+                self._observe(tokens)
+
+    def _observe(self, tokens: int) -> None:
+        now = time.perf_counter()
+        self._sample_tokens += tokens
+        start = self._sample_start if self._sample_start is not None else now
+        busy = now - start
+        if busy >= self.min_sample_s:
+            self.rate = (1 - self.alpha) * self.rate + self.alpha * (self._sample_tokens / busy)
+            self._sample_start, self._sample_tokens = now, 0

@@ -1,0 +1,49 @@
+"""Admission by predicted completion: a re-rank that would finish after its deadline is shed at once (no
+engine work queued) and answered from the retriever; admitted ones complete. The rate estimate itself."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from service.admission import Admission
+from tests.service.support import metric
+
+
+def test_prediction_and_rate_estimate() -> None:
+    a = Admission(rate=100.0, alpha=1.0, min_sample_s=0.0)
+    assert a.predicted_s(50) == pytest.approx(0.5) and a.admits(50, 0.6) and not a.admits(50, 0.4)
+    with a.running(100):
+        assert a.pending == 100 and a.predicted_s(100) == pytest.approx(2.0)  # queued behind the pending work
+        time.sleep(0.05)
+    assert a.pending == 0 and 10 < a.rate < 2100  # 100 tokens in >= 0.05 s of busy time (slower when loaded)
+    rate = a.rate
+    with pytest.raises(RuntimeError), a.running(10_000):  # cancelled or failed work does not teach the rate
+        raise RuntimeError("engine died")
+    assert a.pending == 0 and a.rate == rate
+    with pytest.raises(ValueError):
+        Admission(rate=0)
+
+
+def test_a_request_that_cannot_finish_in_time_is_shed_at_once(client, app):
+    llm = app.state.service.llm
+    assert llm.admission.rate > 0  # measured at start
+    calls = metric(app, "dpo4rec_llm_calls_total", job="rerank")
+    rate = llm.admission.rate
+    llm.admission.rate = 1.0  # the engine as a saturated one looks: a prompt of ~300 tokens needs minutes
+    try:
+        start = time.perf_counter()
+        body = client.post("/rerank", json={"user_id": "u5", "top_n": 4, "deadline_ms": 20_000}).json()
+        elapsed = time.perf_counter() - start
+    finally:
+        llm.admission.rate = rate
+    assert body["degraded"] == ["llm_shed"] and [r["index"] for r in body["results"]] == [0, 1, 2, 3]
+    assert elapsed < 10.0  # returned well before its 20 s deadline: nothing waited on the engine
+    assert metric(app, "dpo4rec_llm_calls_total", job="rerank") == calls  # no engine work was queued
+    # with the measured rate and the same deadline the LLM stage is admitted and completes
+    tokens = metric(app, "dpo4rec_rerank_prompt_tokens_count")
+    admitted = client.post("/rerank", json={"user_id": "u5", "top_n": 4, "deadline_ms": 20_000}).json()
+    assert admitted["degraded"] == [] and metric(app, "dpo4rec_llm_calls_total", job="rerank") == calls + 1
+    assert metric(app, "dpo4rec_rerank_prompt_tokens_count") == tokens + 1
+    assert metric(app, "dpo4rec_engine_token_rate") > 0
