@@ -261,7 +261,10 @@ class PromptBuilder:
         labels = self.labels[: len(head)]
         messages = rerank_messages(sample.preference or "", recent, candidates, [t for t, _ in labels], cfg)
         prompt = render(self.tokenizer, messages)
-        scored = not any(reason.startswith("llm_") for reason in sample.degraded)
+        # the service's relevance_score is the label probability only for runs scored by the raw LLM order;
+        # with a label prior or a fusion weight (llm.json "scoring") it is not, and the check is skipped
+        raw = self.spec.scoring.weight is None and self.spec.scoring.log_prior is None
+        scored = raw and not any(reason.startswith("llm_") for reason in sample.degraded)
         return Job(
             user_id=sample.user_id,
             prompt=prompt,

@@ -178,17 +178,58 @@ def shutdown_llm(llm: LLM) -> None:
         engine_core.shutdown()
 
 
-def make_async_engine(cfg: EngineConfig) -> AsyncLLM:
-    """The in-process vLLM v1 ``AsyncLLM`` for the service. Prefer ``async_engine`` (always shuts down)."""
+@dataclass
+class EngineCounters:
+    """Cumulative engine statistics of one ``AsyncLLM``, read off vLLM's scheduler and iteration stats."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of those, tokens found there (not computed again)
+
+    def stat_logger(self) -> Any:
+        """A vLLM stat-logger class that adds into these counters (vLLM builds it per engine)."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        counters = self
+
+        class _Counting(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(
+                self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+            ) -> None:
+                if scheduler_stats is not None:
+                    counters.prefix_queries += int(scheduler_stats.prefix_cache_stats.queries)
+                    counters.prefix_hits += int(scheduler_stats.prefix_cache_stats.hits)
+                if iteration_stats is not None:
+                    counters.prompt_tokens += int(iteration_stats.num_prompt_tokens)
+                    counters.generation_tokens += int(iteration_stats.num_generation_tokens)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Counting
+
+
+def make_async_engine(cfg: EngineConfig, counters: EngineCounters | None = None) -> AsyncLLM:
+    """The in-process vLLM v1 ``AsyncLLM`` for the service. Prefer ``async_engine`` (always shuts down).
+
+    With ``counters``, vLLM's stats (prefix-cache queries and hits, prompt and generated tokens) are
+    added into them; vLLM's own periodic logging and Prometheus metrics stay off (``log_stats``)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
     logger.info("starting vLLM AsyncLLM engine for %s", cfg.model)
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**cfg.engine_kwargs()))
+    loggers = [counters.stat_logger()] if counters is not None else None
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**cfg.engine_kwargs()), stat_loggers=loggers)
 
 
 @asynccontextmanager
-async def async_engine(cfg: EngineConfig, warm_up: bool = True) -> AsyncIterator[AsyncLLM]:
+async def async_engine(
+    cfg: EngineConfig, warm_up: bool = True, counters: EngineCounters | None = None
+) -> AsyncIterator[AsyncLLM]:
     """Own an ``AsyncLLM``: always shut down on exit (its engine core is a child process).
 
     Construction blocks the event loop for the engine start (20-50 s on CPU). That is deliberate: it
@@ -196,7 +237,7 @@ async def async_engine(cfg: EngineConfig, warm_up: bool = True) -> AsyncIterator
     safest from the main thread. With ``warm_up`` the one-off cost of the first requests (seconds on
     CPU) is paid here rather than by the first user.
     """
-    engine = make_async_engine(cfg)
+    engine = make_async_engine(cfg, counters)
     try:
         if warm_up:
             await ascore_labels(engine, _WARM_UP_PROMPT, _WARM_UP_IDS, request_id="warm-up-score")

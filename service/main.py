@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from llm.engine import EngineConfig, async_engine
+from llm.engine import EngineConfig, EngineCounters, async_engine
 from llm.models import resolve_model
 from llm.prompts import history_text
 from retrieval.encoder import TextEncoder
@@ -77,7 +77,8 @@ async def _start_llm(
         kv_cache_gib=settings.kv_cache_gib,
         dtype=resolve_dtype(settings.llm_dtype),
     )
-    engine = await stack.enter_async_context(async_engine(engine_cfg))  # warmed up before it is served
+    counters = EngineCounters()  # prefix-cache hits and token counts, in /metrics
+    engine = await stack.enter_async_context(async_engine(engine_cfg, counters=counters))  # warmed up first
     generation = spec.preference_generation
     if settings.preference_max_tokens is not None:
         generation = replace(generation, max_tokens=settings.preference_max_tokens)
@@ -91,7 +92,7 @@ async def _start_llm(
         rate = await llm.measure_rate()
         log.info("engine rate measured: %.0f prompt tokens/s (admission by predicted completion on)", rate)
     llm.admission.headroom = settings.admission_headroom
-    metrics.watch_engine(llm.unfinished_requests)
+    metrics.watch_engine(llm.unfinished_requests, counters)
     stack.callback(metrics.watch_engine, lambda: 0.0)  # drop the gauge's reference to the engine
     return llm
 

@@ -8,7 +8,9 @@ queue (requests vLLM has not finished) next to the LLM calls this service has op
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -77,6 +79,15 @@ class ServiceMetrics:
         self.engine_token_rate = Gauge(
             "dpo4rec_engine_token_rate", "measured engine rate, prompt tokens per busy second", registry=r
         )
+        self.engine_counters = {  # cumulative, read off the engine (llm.engine.EngineCounters)
+            name: Gauge(f"dpo4rec_engine_{name}", help_, registry=r)
+            for name, help_ in (
+                ("prompt_tokens", "prompt tokens the engine has taken in"),
+                ("generation_tokens", "tokens the engine has generated"),
+                ("prefix_queries", "prompt tokens looked up in the prefix cache"),
+                ("prefix_hits", "prompt tokens found in the prefix cache (not computed again)"),
+            )
+        }
         self.engine_unfinished = Gauge(
             "dpo4rec_engine_unfinished_requests", "requests queued or running in the vLLM engine", registry=r
         )
@@ -91,9 +102,11 @@ class ServiceMetrics:
         self.engine_pending_tokens.set_function(pending)
         self.engine_token_rate.set_function(rate)
 
-    def watch_engine(self, unfinished: Callable[[], float]) -> None:
-        """Read the engine's queue length at scrape time."""
+    def watch_engine(self, unfinished: Callable[[], float], counters: Any = None) -> None:
+        """Read the engine's queue length and its counters (``llm.engine.EngineCounters``) at scrape time."""
         self.engine_unfinished.set_function(unfinished)
+        for name, gauge in self.engine_counters.items():
+            gauge.set_function(functools.partial(_counter, counters, name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -102,3 +115,7 @@ class ServiceMetrics:
         """Current value of one sample (0 if absent); for tests and the readiness report."""
         got = self.registry.get_sample_value(name, labels or {})
         return float(got) if got is not None else 0.0
+
+
+def _counter(counters: Any, name: str) -> float:
+    return float(getattr(counters, name)) if counters is not None else 0.0

@@ -34,5 +34,15 @@ def test_metrics_expose_requests_stages_cache_and_engine(client):
         "dpo4rec_in_flight_requests",
         "dpo4rec_engine_unfinished_requests",
         'dpo4rec_llm_requests_in_flight{job="rerank"}',
+        "dpo4rec_rerank_prompt_tokens_bucket",
+        "dpo4rec_engine_token_rate",
+        "dpo4rec_preference_queue",
     ):
         assert name in text, name
+    # the engine's own counters (llm.engine.EngineCounters): it has taken in prompt tokens, looked them up in
+    # the prefix cache, and found some there (the system prompt is shared by every re-rank)
+    value = {
+        line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("dpo4rec_engine_")
+    }
+    assert value["dpo4rec_engine_prompt_tokens"] > 0 and value["dpo4rec_engine_prefix_queries"] > 0
+    assert 0 < value["dpo4rec_engine_prefix_hits"] <= value["dpo4rec_engine_prefix_queries"]
