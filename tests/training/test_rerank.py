@@ -392,3 +392,94 @@ def test_vllm_serves_the_trained_adapter_with_the_same_scores(
     ours = np.stack(hf_label_logprobs(PeftModel.from_pretrained(base, str(adapter)), smollm2_tokenizer, prompts, ids))
     theirs = np.stack(score_labels(llm_engine, prompts, ids, lora=make_lora("rerank-test", adapter, 7)))
     assert np.abs(ours - theirs).max() < TOLERANCE
+
+
+# ---- the job's lists and the fusion weight ----------------------------------------------------------
+
+
+def _job_inputs(tests: dict[str, int]) -> tuple[Any, Any]:
+    """LoopInputs/LoopOutputs over 8 users of a 30-item catalog, a seeded untrained preference-fused SASRec."""
+    from retrieval.sasrec import SASRec, SASRecConfig
+    from training.config import from_dict
+    from training.loop import LoopInputs, LoopOutputs
+    from training.split import Split, UserSplit
+
+    torch.manual_seed(0)
+    retriever = SASRec(
+        SASRecConfig(num_items=30, max_len=10, hidden=16, layers=1, heads=1, dropout=0.0, pref_dim=4)
+    ).eval()
+    users = [f"u{i}" for i in range(8)]
+    split = Split(
+        users={
+            u: UserSplit(
+                train=[(3 * i + j) % 30 + 1 for j in range(8)],
+                valid=(3 * i + 8) % 30 + 1,
+                test=tests[u],
+                train_ratings=[4.0] * 8,
+            )
+            for i, u in enumerate(users)
+        },
+        dropped_users=0,
+    )
+    cfg = from_dict(
+        {
+            "rerank": {
+                "enabled": True,
+                "k": 5,
+                "positions_per_user": 2,
+                "train_lists": 6,
+                "calibration_lists": 3,
+                "cold_items": 0,
+                "recent_items": 2,
+            }
+        }
+    )
+    vectors = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    texts = {u: "Likes comedies." for u in users}
+    unused = dict.fromkeys(("model_dir", "encoder", "ranks"))
+    inp = LoopInputs(
+        cfg=cfg,
+        catalog=catalog(30),
+        split=split,
+        users=users,
+        texts=texts,
+        vectors=vectors,
+        retriever=retriever,
+        **unused,
+    )
+    return inp, LoopOutputs(texts=texts, vectors=vectors, retriever=retriever)
+
+
+def test_job_lists_hold_no_held_out_item_and_validation_lists_ignore_the_test_items(smollm2_tokenizer: Any) -> None:
+    from training.rerank_job import rerank_lists
+
+    first = {f"u{i}": (3 * i + 9) % 30 + 1 for i in range(8)}
+    second = {f"u{i}": (3 * i + 20) % 30 + 1 for i in range(8)}  # other test items, everything else equal
+    inp, out = _job_inputs(first)
+    a = rerank_lists(inp, smollm2_tokenizer, out)
+    inp_b, out_b = _job_inputs(second)
+    b = rerank_lists(inp_b, smollm2_tokenizer, out_b)
+    assert len(a.train) == 6 and len(a.calibration) == 3 and len(a.valid) == len(a.test) == 8
+    for e in [*a.train, *a.calibration]:
+        held_out = {inp.split.users[e.user_id].valid, inp.split.users[e.user_id].test}
+        assert not set(e.candidates) & held_out and e.target in inp.split.users[e.user_id].train
+    # the validation lists, which alone choose the fusion weight (choose_weight reads nothing else), are the
+    # same whatever the test items are; the training lists only avoid them as negatives, by design
+    assert [(e.candidates, e.retriever_scores) for e in a.valid] == [
+        (e.candidates, e.retriever_scores) for e in b.valid
+    ]
+    assert [(e.user_id, e.target) for e in a.train] == [(e.user_id, e.target) for e in b.train]
+
+
+def test_fusion_weight_is_chosen_on_validation_lists_and_ties_go_to_zero(examples: list[RerankExample]) -> None:
+    from training.rerank_job import choose_weight
+
+    hit = examples[0]  # target at C (position 2), retriever scores falling with position
+    finds = np.array([-3.0, -3.0, -0.1, -3.0, -3.0, -3.0])  # an LLM that puts the target first
+    weight, curve = choose_weight([hit], [finds], [0.0, 0.5, 4.0])
+    assert weight > 0 and curve[0] < max(curve)
+    lost = np.array([-0.1, -0.2, -5.0, -0.3, -0.4, -0.5])  # an LLM that buries it
+    assert choose_weight([hit], [lost], [0.0, 0.5, 4.0])[0] == 0.0
+    flat = np.zeros(6)  # no opinion: every weight ties, the smallest wins
+    assert choose_weight([hit], [flat], [1.0, 0.0, 2.0])[0] == 0.0
+    assert choose_weight([], [], [0.0, 1.0]) == (0.0, [0.0, 0.0])
