@@ -190,29 +190,41 @@ def training_lists(
 ) -> list[RerankExample]:
     """One shuffled list per (user, t) in ``positions``; ``ranked[f"{user}@{t}"]``: the retriever's
     items for that prefix, best first; ``banned[user]``: the validation and test items."""
-    texts = [text for text, _ in labels]
     out = []
     for user, t in positions:
         prefix, target = list(train[user][:t]), int(train[user][t])
         rng = _rng(seed, user, t)
         shown = draw_list(target, {*prefix, *banned[user]}, ranked[f"{user}@{t}"], popularity, counts, rng)
-        items = [candidate_item(catalog, i) for i in shown]
-        recent = history_items(catalog, prefix)[-prompt_cfg.max_recent :] if prompt_cfg.max_recent else []
-        preference = preferences.get(user, "")
-        out.append(
-            RerankExample(
-                user_id=user,
-                candidates=shown,
-                labels=list(labels),
-                messages=rerank_messages(preference, recent, items, texts, prompt_cfg),
-                target=target,
-                target_position=shown.index(target),
-                preference=preference,
-                recent=recent,
-                items=items,
-            )
-        )
+        out.append(_example(catalog, user, prefix, shown, target, preferences.get(user, ""), labels, prompt_cfg))
     return out
+
+
+def _example(
+    catalog: Catalog,
+    user: str,
+    history: Sequence[int],
+    shown: list[int],
+    target: int,
+    preference: str,
+    labels: Sequence[Label],
+    prompt_cfg: PromptConfig,
+    retriever_scores: list[float] | None = None,
+) -> RerankExample:
+    """The list ``shown`` as a prompt: the preference, the newest ``max_recent`` of ``history``, the labels."""
+    items = [candidate_item(catalog, i) for i in shown]
+    recent = history_items(catalog, history)[-prompt_cfg.max_recent :] if prompt_cfg.max_recent else []
+    return RerankExample(
+        user_id=user,
+        candidates=shown,
+        labels=list(labels),
+        messages=rerank_messages(preference, recent, items, [text for text, _ in labels], prompt_cfg),
+        target=target,
+        target_position=shown.index(target) if target in shown else None,
+        retriever_scores=retriever_scores,
+        preference=preference,
+        recent=recent,
+        items=items,
+    )
 
 
 def evaluation_examples(
@@ -231,30 +243,15 @@ def evaluation_examples(
     retriever missed it); preferences[u]: the preference text ('' if none).
     """
     k = len(labels)
-    texts = [text for text, _ in labels]
     examples = []
     for user in users:
         items_k, scores_k = retrieved[user]
         if len(items_k) < k:
             raise ValueError(f"user {user!r}: the retriever gave {len(items_k)} candidates, fewer than k={k}")
         shown, scores = [int(i) for i in items_k[:k]], [float(s) for s in scores_k[:k]]
-        target = int(targets[user])
-        items = [candidate_item(catalog, i) for i in shown]
-        recent = history_items(catalog, histories[user])[-prompt_cfg.max_recent :] if prompt_cfg.max_recent else []
         preference = preferences.get(user, "")
         examples.append(
-            RerankExample(
-                user_id=user,
-                candidates=shown,
-                labels=list(labels),
-                messages=rerank_messages(preference, recent, items, texts, prompt_cfg),
-                target=target,
-                target_position=shown.index(target) if target in shown else None,
-                retriever_scores=scores,
-                preference=preference,
-                recent=recent,
-                items=items,
-            )
+            _example(catalog, user, histories[user], shown, int(targets[user]), preference, labels, prompt_cfg, scores)
         )
     return examples
 

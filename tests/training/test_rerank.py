@@ -98,39 +98,19 @@ def test_training_lists_never_hold_a_validation_or_test_item(smollm2_tokenizer: 
     banned = {"u": [9, 10]}  # validation, test
     positions = [("u", t) for t in (5, 6, 7)]
     ranked = {f"u@{t}": [9, 10, 11, 12, 13, 14, 15, 16] for t in (5, 6, 7)}  # the retriever likes the held-out ones
-    lists = training_lists(
-        cat,
-        positions,
-        train,
-        banned,
-        ranked,
-        np.ones(31),
-        {"u": "Likes comedy."},
-        labels,
-        PromptConfig(max_recent=2),
-        negative_counts(6, 0.6, 0.2, 0.2),
-        seed=0,
-    )
+
+    def build() -> list[RerankExample]:
+        prefs, cfg, counts = {"u": "Likes comedy."}, PromptConfig(max_recent=2), negative_counts(6, 0.6, 0.2, 0.2)
+        return training_lists(cat, positions, train, banned, ranked, np.ones(31), prefs, labels, cfg, counts, seed=0)
+
+    lists = build()
     for (_, t), e in zip(positions, lists, strict=True):
         assert e.target == train["u"][t] and e.candidates[e.target_position] == e.target
         assert not set(e.candidates) & {9, 10} and not set(e.candidates) & (set(train["u"][:t]) - {e.target})
         text = e.messages[-1]["content"]
         assert f"Film {train['u'][t - 1]}" in text and "Likes comedy." in text  # the prefix's newest item
         assert f"{e.target_label}. Film {e.target}" in text
-    again = training_lists(
-        cat,
-        positions,
-        train,
-        banned,
-        ranked,
-        np.ones(31),
-        {"u": "Likes comedy."},
-        labels,
-        PromptConfig(max_recent=2),
-        negative_counts(6, 0.6, 0.2, 0.2),
-        seed=0,
-    )
-    assert [e.candidates for e in again] == [e.candidates for e in lists]  # seeded: rebuilt lists are the same
+    assert [e.candidates for e in build()] == [e.candidates for e in lists]  # seeded: rebuilt lists are the same
 
 
 def test_retrieve_is_the_retrievers_top_k_without_seen_items() -> None:
