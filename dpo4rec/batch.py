@@ -126,8 +126,16 @@ class JobSpec:
 
 
 def service_settings(run_dir: Path, **overrides: Any) -> dict[str, Any]:
-    """Settings overrides for a batch worker: no cache warm-up, LLM deadlines that do not degrade."""
-    return {"run_dir": str(run_dir), "warm_cache": False, "deadline_ms": BATCH_DEADLINE_MS, **overrides}
+    """Settings overrides for a batch worker: no cache warm-up, LLM deadlines that do not degrade, and a
+    missing preference waited for (the LLM's text, not the service's stand-in)."""
+    return {
+        "run_dir": str(run_dir),
+        "warm_cache": False,
+        "deadline_ms": BATCH_DEADLINE_MS,
+        "preference_wait": True,
+        "admission": False,  # never shed: a batch has the time
+        **overrides,
+    }
 
 
 @asynccontextmanager

@@ -42,7 +42,7 @@ from service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
-Source = Literal["cache", "run", "history", "none"]
+Source = Literal["cache", "run", "history", "generated", "none"]
 LOCK_POLL_S = 0.05  # how often a replica waiting on another's generation looks at the cache
 
 
@@ -73,6 +73,7 @@ class PreferenceService:
         generation_timeout_s: float,
         stand_in: Callable[[list[HistoryItem]], str],
         queue_size: int = 64,
+        wait: bool = False,
     ):
         self.version = version
         self.run_preferences = run_preferences
@@ -83,6 +84,7 @@ class PreferenceService:
         self.generation_timeout_s = generation_timeout_s
         self.stand_in = stand_in  # history -> text (llm.prompts.history_text with the run's prompt settings)
         self.queue_size = queue_size
+        self.wait = wait  # batch jobs: a miss waits for the LLM's text (latency does not matter there)
         self._tasks: dict[str, asyncio.Task[_Generated]] = {}
         metrics.preference_queue.set_function(lambda: len(self._tasks))
 
@@ -111,7 +113,19 @@ class PreferenceService:
         if not history:
             return Resolved(None, "none", degraded)
         if self.llm is not None and self._schedule(user_id, history, request_id):
-            degraded.add("preference_pending")
+            task = self._tasks.get(user_id)
+            if self.wait and task is not None:
+                try:
+                    done = await asyncio.shield(task)
+                except Exception as e:  # generation or encoding failed: the stand-in answers
+                    log.warning("preference for %s unavailable: %s", user_id, e)
+                    degraded.add("preference_unavailable")
+                else:
+                    if done.cache_failed:
+                        degraded.add("cache_unavailable")
+                    return Resolved(done.preference, "generated" if done.source == "generated" else "cache", degraded)
+            else:
+                degraded.add("preference_pending")
         text = self.stand_in(history)
         vector = (await asyncio.to_thread(self.encoder.encode, [text]))[0]  # (D,) float32
         return Resolved(Preference(text=text, vector=vector), "history", degraded)

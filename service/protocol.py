@@ -35,7 +35,8 @@ DegradedReason = Literal[
     "llm_unavailable",  # the engine failed: retriever/given order
     "llm_disabled",  # the service runs without an LLM (DPO4REC_LLM_ENABLED=false)
 ]
-PreferenceSource = Literal["cache", "run", "history", "none"]  # history: the stand-in of a miss
+# history: the stand-in of a miss; generated: a batch job waited for the LLM's text (preference_wait)
+PreferenceSource = Literal["cache", "run", "history", "generated", "none"]
 
 
 class CandidateItem(BaseModel):

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     new_item_score: Literal["min", "mean", "max"] = Field(
         "mean", description="retriever score of a given new item (text only), from the known candidates' scores"
     )
+    preference_wait: bool = Field(
+        False, description="a miss waits for the LLM's preference instead of the history stand-in (batch jobs)"
+    )
     preference_queue: int = Field(
         64, ge=0, description="background preference generations pending at once; beyond it one is dropped"
     )
