@@ -165,9 +165,12 @@ class LanguageModel:
             return np.asarray(await self._call("rerank", rid, coro, tokens), dtype=np.float64)
 
         per_order = await asyncio.gather(*(one(p, n) for p, n in zip(prepared.prompts, prepared.tokens, strict=True)))
-        if not any(np.isfinite(p).any() for p in per_order):
+        if not all(np.isfinite(p).any() for p in per_order):
             raise LLMError("the engine returned no finite label log-probabilities")
-        return item_logprobs(per_order, prepared.orders, scoring)
+        try:
+            return item_logprobs(per_order, prepared.orders, scoring)
+        except ValueError as e:  # e.g. a label prior shorter than the list: degrade, never a 500
+            raise LLMError(f"scoring: {e}") from e
 
 
 def _engine_request_id(request_id: str | None, job: str) -> str:

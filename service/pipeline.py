@@ -89,6 +89,8 @@ class RerankPipeline:
         self.rerank_k = min(settings.rerank_k or artifacts.llm.rerank_k, llm.cfg.rerank_k if llm else 10**9)
         self.pref_dim = artifacts.retriever.cfg.pref_dim
         self.scoring = artifacts.llm.scoring  # weight 0: the run found the LLM does not help; never called
+        if self.scoring.log_prior is not None:  # the prior covers the labels the run measured, no more
+            self.rerank_k = min(self.rerank_k, len(self.scoring.log_prior))
 
     # ---- validation ---------------------------------------------------------------------------------
 
