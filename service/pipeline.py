@@ -88,6 +88,7 @@ class RerankPipeline:
         self.metrics = metrics
         self.rerank_k = min(settings.rerank_k or artifacts.llm.rerank_k, llm.cfg.rerank_k if llm else 10**9)
         self.pref_dim = artifacts.retriever.cfg.pref_dim
+        self.item_vectors = artifacts.retriever.item_vectors()  # (N+1, H): given candidates' retriever scores
         self.scoring = artifacts.llm.scoring  # weight 0: the run found the LLM does not help; never called
         if self.scoring.log_prior is not None:  # the prior covers the labels the run measured, no more
             self.rerank_k = min(self.rerank_k, len(self.scoring.log_prior))
@@ -164,7 +165,7 @@ class RerankPipeline:
         item, which the retriever has never seen, gets the prior ``new_item_score`` of the known ones."""
         query = self._query(history, vector)[0]
         known = [c.index for c in candidates if c.index is not None]
-        scores = self.artifacts.retriever.item_vectors()[known] @ query if known else np.zeros(0)
+        scores = self.item_vectors[known] @ query if known else np.zeros(0)
         prior = float(getattr(np, self.settings.new_item_score)(scores)) if known else 0.0  # min | mean | max
         values = iter(scores.tolist())
         return np.array([next(values) if c.index is not None else prior for c in candidates], dtype=np.float64)

@@ -36,7 +36,7 @@ import numpy as np
 
 from llm.labels import Label
 from llm.prompts import HistoryItem, PromptConfig, natural_title, rerank_messages
-from llm.scoring import rotate
+from llm.scoring import order, rotate
 from retrieval.catalog import Catalog
 from retrieval.sasrec import SASRec
 from training.preferences import history_items
@@ -323,8 +323,7 @@ def rerank_order(scores: Sequence[float] | np.ndarray, candidates: Sequence[int]
     values = np.asarray(scores, dtype=np.float64)
     if values.shape != (len(candidates),):
         raise ValueError(f"got {values.shape} scores for {len(candidates)} candidates")
-    values = np.where(np.isnan(values), -np.inf, values)
-    return [candidates[i] for i in np.argsort(-values, kind="stable")]
+    return [candidates[i] for i in order(values)]
 
 
 def order_stats(scores: Sequence[Sequence[float] | np.ndarray], target_positions: Sequence[int]) -> dict[str, float]:
@@ -342,12 +341,12 @@ def order_stats(scores: Sequence[Sequence[float] | np.ndarray], target_positions
         return {}
     first, rho, after = [], [], []
     for values, target in zip(scores, target_positions, strict=True):
-        s = np.where(np.isnan(np.asarray(values, dtype=np.float64)), -np.inf, np.asarray(values, dtype=np.float64))
-        order = np.argsort(-s, kind="stable")  # positions, best first (rerank_order's rule)
-        first.append(order[0] == 0)
-        llm_rank = np.empty(len(s))
-        llm_rank[order] = np.arange(len(s))
-        rho.append(np.corrcoef(llm_rank, np.arange(len(s)))[0, 1] if len(s) > 1 else 1.0)
+        best_first = order(values)  # positions, best first
+        first.append(best_first[0] == 0)
+        n = len(best_first)
+        llm_rank = np.empty(n)
+        llm_rank[best_first] = np.arange(n)
+        rho.append(np.corrcoef(llm_rank, np.arange(n))[0, 1] if n > 1 else 1.0)
         after.append(int(llm_rank[target]) + 1)
     return {
         "prompts": len(scores),

@@ -30,6 +30,7 @@ import numpy as np
 from llm.labels import candidate_labels
 from llm.prompts import history_text, render
 from llm.scoring import ScoringSpec, estimate_prior, fused_scores, item_logprobs, order, shifts
+from training import metrics as M
 from training.dpo import train_dpo, train_sft
 from training.loop import (
     BASE_ROW,
@@ -204,10 +205,6 @@ class _Prompts:
         return [scores[a:b] for a, b in self.slots.get(group, [])]
 
 
-def _ndcg10(rank: int) -> float:
-    return 1.0 / np.log2(rank + 2) if rank < 10 else 0.0
-
-
 def _label_histogram(scores: Sequence[np.ndarray], k: int) -> list[float]:
     """Share of lists whose best-scored label is A, B, ... (by position)."""
     top = [int(order(s)[0]) for s in scores]
@@ -223,11 +220,11 @@ def choose_weight(
         return 0.0, [0.0 for _ in weights]
     curve = []
     for w in weights:
-        gains = []
-        for e, s in zip(valid, llm_scores, strict=True):
-            ranked = order(fused_scores(np.asarray(e.retriever_scores), s, w))
-            gains.append(_ndcg10(int(np.flatnonzero(ranked == e.target_position)[0])))
-        curve.append(float(np.mean(gains)))
+        ranks = [
+            int(np.flatnonzero(order(fused_scores(np.asarray(e.retriever_scores), s, w)) == e.target_position)[0])
+            for e, s in zip(valid, llm_scores, strict=True)
+        ]
+        curve.append(float(M.per_user(np.array(ranks), ks=(10,))["NDCG@10"].mean()))
     best = max(curve)
     chosen = min(w for w, v in zip(weights, curve, strict=True) if v >= best - 1e-12)
     return float(chosen), [round(v, 6) for v in curve]
