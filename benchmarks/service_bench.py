@@ -276,36 +276,23 @@ class PromptBuilder:
         )
 
 
-def service_engine_config(settings: Any, spec: Any, model_dir: Path) -> Any:
-    """The ``EngineConfig`` the service builds (``service.main._start_llm``), from the same settings."""
-    from llm.engine import EngineConfig
-    from service.language_model import resolve_dtype
-
-    rerank_k = settings.rerank_k or spec.rerank_k
-    return EngineConfig(
-        model=str(model_dir),
-        max_model_len=settings.max_model_len,
-        max_num_seqs=settings.max_num_seqs,
-        max_logprobs=max(64, rerank_k),
-        enable_lora=any(spec.adapters.values()),
-        kv_cache_gib=settings.kv_cache_gib,
-        dtype=resolve_dtype(settings.llm_dtype),
-    )
-
-
 async def bare_engine(
-    engine_cfg: Any, spec: Any, warm: list[Job], single: list[Job], batch: list[Job], concurrency: int, budget_s: float
+    engine_cfg: Any,
+    weights: Any,
+    warm: list[Job],
+    single: list[Job],
+    batch: list[Job],
+    concurrency: int,
+    budget_s: float,
 ) -> dict[str, Any]:
-    """``ascore_labels`` for the same prompts: first ``single`` one at a time, then ``batch`` concurrently."""
+    """``ascore_labels`` for the same prompts on the service's re-rank engine (``service.runtime``'s config and
+    weights): first ``single`` one at a time, then ``batch`` concurrently."""
     import numpy as np
 
     from llm.engine import ascore_labels, async_engine, make_lora
     from service.language_model import label_probabilities
 
-    lora = None
-    if spec.adapters.get("rerank") is not None:  # the service numbers adapters in sorted job order
-        ids = {job: i + 1 for i, job in enumerate(sorted(spec.adapters))}
-        lora = make_lora("rerank", spec.adapters["rerank"], lora_id=ids["rerank"])
+    lora = make_lora("rerank", weights.lora, lora_id=1) if weights.lora is not None else None
 
     started = time.perf_counter()
     async with async_engine(engine_cfg) as engine:  # the service's warm-up, too
@@ -557,8 +544,8 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    from llm.models import resolve_model
     from service.artifacts import load_llm_spec
+    from service.runtime import engine_config, model_folder, served_jobs
     from service.settings import Settings
 
     run = args.run.resolve()
@@ -588,8 +575,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     report["service"] = await service_phase(args, run, k, report)
 
     # ---- bare engine, with the service stopped --------------------------------------------------------
-    name = str(settings.llm_model) if settings.llm_model else spec.base_model
-    model_dir = resolve_model(name, settings.model_cache)
+    model_dir = model_folder(settings, spec)
     builder = PromptBuilder(run, settings, spec, model_dir)
     samples = report["service"]["samples"]
     c1_key = f"c{args.concurrency[0]}"
@@ -597,13 +583,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     single_jobs = [j for s in samples[c1_key] if s.ok and (j := builder.job(s)) is not None]
     batch_src = samples[f"c{args.concurrency[-1]}"][: args.bare_concurrent_requests]
     batch_jobs = [j for s in batch_src if s.ok and (j := builder.job(s)) is not None]
-    engine_cfg = service_engine_config(settings, spec, model_dir)
+    weights = served_jobs(settings, spec, model_dir).get("rerank")
+    if weights is None:
+        raise SystemExit("the service scored nothing (fusion weight 0): set DPO4REC_FUSION_WEIGHT to measure the LLM")
+    engine_cfg = engine_config(settings, spec, weights.model, weights.lora is not None)
     report["engine_config"] = engine_cfg.to_dict()
     report["prompt_tokens"] = latency_summary([float(j.prompt_tokens) for j in single_jobs + batch_jobs])
     report["load"].append(load_now("bare engine start"))
     print(f"[bare] {len(single_jobs)} prompts one at a time, {len(batch_jobs)} at concurrency {args.concurrency[-1]}")
     bare = await bare_engine(
-        engine_cfg, spec, warm_jobs, single_jobs, batch_jobs, args.concurrency[-1], args.level_timeout_s
+        engine_cfg, weights, warm_jobs, single_jobs, batch_jobs, args.concurrency[-1], args.level_timeout_s
     )
     report["load"].append(load_now("bare engine done"))
     report["bare_engine"] = bare

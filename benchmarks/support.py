@@ -21,17 +21,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-ENV_DEFAULTS = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "VLLM_CPU_KVCACHE_SPACE": "2",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-    "OMP_NUM_THREADS": "2",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "VLLM_LOGGING_LEVEL": "WARNING",
-}
+from llm.engine import ENGINE_ENV_DEFAULTS
+
+# the engine's defaults (llm.engine), and the measurement's: the development machine's 2 threads, quiet logs
+ENV_DEFAULTS = {**ENGINE_ENV_DEFAULTS, "OMP_NUM_THREADS": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
 HOST = "127.0.0.1"  # the only address the benchmark and the load tests send to
 
 

@@ -1,7 +1,7 @@
 """Batch jobs (SPEC section 8): ``preferences`` (refresh users' preference texts + vectors) and
 ``rerank`` (JSONL requests in, JSONL responses out), on the service's own pipeline.
 
-Both jobs run the objects ``/rerank`` runs (``service.main.open_service``: the run directory, the
+Both jobs run the objects ``/rerank`` runs (``service.runtime.open_service``: the run directory, the
 vLLM ``AsyncLLM``, the text encoder, the Redis cache), so a batch answer is the answer the service
 would give. Work goes in chunks: a chunk's requests are in flight together, so the engine batches
 them, and each finished chunk is appended to a checkpoint file (``.partial``) and fsynced.
@@ -29,12 +29,15 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from retrieval.rundir import RunDirError, atomic_write_text, read_manifest, sha256
+
+if TYPE_CHECKING:
+    from service.runtime import ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +142,9 @@ def service_settings(run_dir: Path, **overrides: Any) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def worker_state(spec: JobSpec) -> AsyncIterator[Any]:
-    from service.main import open_service
+async def worker_state(spec: JobSpec) -> AsyncIterator[ServiceState]:
     from service.metrics import ServiceMetrics
+    from service.runtime import open_service
     from service.settings import Settings
 
     settings = Settings(**{**spec.settings, "run_dir": spec.run_dir})
@@ -149,7 +152,7 @@ async def worker_state(spec: JobSpec) -> AsyncIterator[Any]:
         yield state
 
 
-async def preference_lines(state: Any, payloads: list[str]) -> list[str]:
+async def preference_lines(state: ServiceState, payloads: list[str]) -> list[str]:
     """``{"user_id", "history"}`` lines -> ``{"user_id", "text", "vector", "redis"}`` lines."""
     from service.cache import CacheUnavailable, Preference
     from training.preferences import history_items
@@ -179,12 +182,12 @@ async def preference_lines(state: Any, payloads: list[str]) -> list[str]:
     ]
 
 
-async def rerank_lines(state: Any, payloads: list[str]) -> list[str]:
+async def rerank_lines(state: ServiceState, payloads: list[str]) -> list[str]:
     """``{"line", "request"}`` payloads -> ``{"line", "response"}`` or ``{"line", "error"}`` lines."""
     return list(await asyncio.gather(*(_rerank_one(state, p) for p in payloads)))
 
 
-async def _rerank_one(state: Any, payload: str) -> str:
+async def _rerank_one(state: ServiceState, payload: str) -> str:
     from pydantic import ValidationError
 
     from service.errors import ServiceError, validation_message
@@ -207,7 +210,7 @@ async def _rerank_one(state: Any, payload: str) -> str:
     return json.dumps(out, ensure_ascii=False)
 
 
-CHUNK_FUNCTIONS: dict[str, Callable[[Any, list[str]], Any]] = {
+CHUNK_FUNCTIONS: dict[str, Callable[[ServiceState, list[str]], Any]] = {
     "preferences": preference_lines,
     "rerank": rerank_lines,
 }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -17,21 +16,14 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from llm.engine import apply_env_defaults
+
 app = typer.Typer(help="DPO4Rec: LLM re-ranking for recommendations, aligned by DPO.", no_args_is_help=True)
 console = Console()
 
-ENGINE_ENV_DEFAULTS = {
-    "HF_HUB_OFFLINE": "1",  # nothing is ever downloaded from a model hub
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache for the CPU engine
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # use every core for the engine worker
-}
-
 
 def _setup(verbose: bool) -> None:
-    for key, value in ENGINE_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    apply_env_defaults()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",

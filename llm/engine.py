@@ -10,7 +10,7 @@ mask: they are a distribution over the labels (their exps sum to 1).
 Two engine shapes, same config: ``vllm.LLM`` for batch jobs and tests, and the in-process
 ``vllm.v1.engine.async_llm.AsyncLLM`` for the service, owned by an async context manager that always
 shuts it down. vLLM is imported lazily, so importing this module is cheap and callers can set vLLM's
-environment (e.g. ``VLLM_CPU_KVCACHE_SPACE``) first; this library itself never reads it.
+environment first (``apply_env_defaults``); this library itself never reads it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,28 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# The engine's environment, set (if unset) by every entry point before vLLM or the HF hub is imported:
+# the CLI, the scripts, the benchmark and the load tests. The one copy; the Makefile and the Dockerfile
+# export the same values.
+ENGINE_ENV_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",  # nothing is ever downloaded from a model hub
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache per CPU engine
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # use every core for the engine worker
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def apply_env_defaults(extra: dict[str, str] | None = None) -> None:
+    """``os.environ.setdefault`` for ``ENGINE_ENV_DEFAULTS`` (and ``extra``): what is already set wins."""
+    import os
+
+    for key, value in {**ENGINE_ENV_DEFAULTS, **(extra or {})}.items():
+        os.environ.setdefault(key, value)
+
+
 # vLLM caps SamplingParams.logprob_token_ids at 128 (vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS).
 MAX_LABELS = 128
 # Prompts are rendered chat templates that already hold any BOS they want (as in HF and TRL).
@@ -48,7 +70,7 @@ class EngineConfig:
     tokenizer: str | None = None  # defaults to the model folder
     # bf16 halves memory, but on CPUs without AVX512-BF16/AMX vLLM falls back to slow torch matmuls:
     # measured ~3x slower than "float32" on an AVX2-only machine. Choose per deployment.
-    dtype: str = "auto"  # "auto": bfloat16 where the hardware has bf16 math, else float32 (see best_dtype)
+    dtype: str = "auto"  # "auto": bfloat16 where the hardware has bf16 math, else float32 (see resolve_dtype)
     max_model_len: int = 2048  # prompt + generated tokens
     enable_prefix_caching: bool = True  # system prompt and per-user parts are shared prefixes
     seed: int = 0
@@ -83,7 +105,7 @@ class EngineConfig:
         kwargs: dict[str, Any] = {
             "model": self.model,
             "tokenizer": self.tokenizer or self.model,
-            "dtype": best_dtype() if self.dtype == "auto" else self.dtype,
+            "dtype": resolve_dtype(self.dtype),
             "max_model_len": self.max_model_len,
             "enable_prefix_caching": self.enable_prefix_caching,
             "seed": self.seed,
@@ -146,21 +168,24 @@ class GenerationConfig:
         )
 
 
-def best_dtype() -> str:
-    """bfloat16 on a GPU or a CPU with bf16 instructions (AVX512-BF16, AMX); float32 otherwise.
+def resolve_dtype(setting: str = "auto") -> str:
+    """The engine dtype for ``setting``; ``auto``: bfloat16 on a GPU or a CPU with bf16 instructions
+    (AVX512-BF16, AMX), float32 otherwise. The one place that decides it (engines, service, benchmarks).
 
-    On an AVX2-only CPU vLLM falls back from oneDNN to plain torch linear layers in bf16, measured
-    about 5x slower than float32 for prefill (docs/BENCHMARKS.md).
+    On an AVX2-only CPU vLLM falls back from oneDNN to plain torch linear layers in bf16: measured
+    5-7x slower than float32 for prefill (docs/BENCHMARKS.md, "LLM prefill and decode rates").
     """
+    if setting != "auto":
+        return setting
     import torch
 
     if torch.cuda.is_available():
         return "bfloat16"
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return "float32"
-    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
 def make_llm(cfg: EngineConfig) -> LLM:

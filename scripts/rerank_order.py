@@ -11,12 +11,9 @@ re-rank adapter (SFT+DPO; the SFT-only adapter is not kept in a run), raw, and p
 
 from __future__ import annotations
 
-import os
+from llm.engine import apply_env_defaults
 
-from dpo4rec.cli import ENGINE_ENV_DEFAULTS
-
-for _key, _value in ENGINE_ENV_DEFAULTS.items():  # as `dpo4rec` sets them, before vLLM or the HF hub load
-    os.environ.setdefault(_key, _value)
+apply_env_defaults()  # as `dpo4rec` sets them, before vLLM or the HF hub load
 
 import json  # noqa: E402
 import tempfile  # noqa: E402
@@ -47,7 +44,7 @@ def main(
     run: Path = typer.Argument(..., help="a run directory written by `dpo4rec train` with the re-rank job on"),
     config: str = typer.Option("small", help="the configuration the run was trained with"),
 ) -> None:
-    from training.dpo import merge_adapter
+    from llm.weights import merge_adapter
 
     cfg = load_config(config)
     dataset = load_dataset(cfg.data.name, Path(cfg.data.data_dir))

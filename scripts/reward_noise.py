@@ -12,12 +12,9 @@ Each retrained model's best validation NDCG@10 shows the seed-to-seed spread of 
 
 from __future__ import annotations
 
-import os
+from llm.engine import apply_env_defaults
 
-from dpo4rec.cli import ENGINE_ENV_DEFAULTS
-
-for _key, _value in ENGINE_ENV_DEFAULTS.items():  # as `dpo4rec` sets them, before vLLM or the HF hub load
-    os.environ.setdefault(_key, _value)
+apply_env_defaults()  # as `dpo4rec` sets them, before vLLM or the HF hub load
 
 import json  # noqa: E402
 import math  # noqa: E402

@@ -6,37 +6,16 @@ After vLLM's ``api_server.py`` (tiny accessors over ``app.state``) and full-stac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.artifacts import Artifacts
-from service.cache import PreferenceCache
 from service.errors import UnavailableError
-from service.language_model import LanguageModel
 from service.limits import InFlightLimiter
 from service.metrics import ServiceMetrics
 from service.pipeline import RerankPipeline
-from service.preferences import PreferenceService
-from service.redis_server import EmbeddedRedis
+from service.runtime import ServiceState
 from service.settings import Settings
-
-if TYPE_CHECKING:
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-
-@dataclass
-class ServiceState:
-    """Everything the lifespan built; present on ``app.state.service`` while the app is up."""
-
-    artifacts: Artifacts
-    cache: PreferenceCache
-    redis_server: EmbeddedRedis | None  # None with an external redis_url
-    engine: AsyncLLM | None  # None with llm_enabled=False
-    llm: LanguageModel | None
-    preferences: PreferenceService
-    pipeline: RerankPipeline
 
 
 def get_settings(request: Request) -> Settings:

@@ -6,8 +6,9 @@
   LlamaRec's verbalizer).
 
 The prompts are built by ``llm.prompts`` exactly as in training. Each call has its own vLLM request
-id (``{request_id}-{job}-{random}``); a cancelled call (deadline) aborts its engine request.
-Adapters from ``llm.json`` are applied per job through vLLM multi-LoRA.
+id (``{request_id}-{job}-{random}``); a cancelled call (deadline) aborts its engine request. Each job
+has its engine (``service.runtime`` starts one per distinct set of weights: merged adapters by default,
+or one engine with vLLM multi-LoRA, ``loras``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class LLMJobConfig:
     prompt: PromptConfig
     generation: GenerationConfig  # for the preference job
     rerank_k: int  # labels prepared at start: the most candidates one prompt scores
-    adapters: dict[str, Path | None]  # job -> LoRA folder
+    loras: dict[str, Path | None]  # job -> LoRA folder applied per request (None: the engine's own weights)
 
 
 @dataclass(frozen=True)
@@ -60,17 +61,17 @@ class RerankPrompts:
 
 
 class LanguageModel:
-    """Preference generation and label scoring on one ``AsyncLLM`` (owned by the app's lifespan)."""
+    """Preference generation and label scoring on the jobs' ``AsyncLLM`` engines (owned by ``service.runtime``)."""
 
     def __init__(
         self,
-        engine: AsyncLLM,
+        engines: dict[str, AsyncLLM],
         tokenizer: Any,
         cfg: LLMJobConfig,
         metrics: ServiceMetrics,
         admission: Admission | None = None,
     ):
-        self.engine = engine
+        self.engines = engines  # job -> engine; jobs may share one
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.metrics = metrics
@@ -80,15 +81,25 @@ class LanguageModel:
         metrics.watch_admission(lambda: self.admission.pending, lambda: self.admission.rate)
         self.loras: dict[str, LoRARequest | None] = {
             job: make_lora(job, path, lora_id=i + 1) if path is not None else None
-            for i, (job, path) in enumerate(sorted(cfg.adapters.items()))
+            for i, (job, path) in enumerate(sorted(cfg.loras.items()))
         }
 
     @property
+    def distinct_engines(self) -> list[AsyncLLM]:
+        return list({id(e): e for e in self.engines.values()}.values())
+
+    @property
     def alive(self) -> bool:
-        return engine_alive(self.engine)
+        return all(engine_alive(e) for e in self.distinct_engines)
 
     def unfinished_requests(self) -> int:
-        return int(self.engine.get_num_unfinished_requests())
+        return sum(int(e.get_num_unfinished_requests()) for e in self.distinct_engines)
+
+    def _engine(self, job: str) -> AsyncLLM:
+        engine = self.engines.get(job)
+        if engine is None:
+            raise LLMError(f"{job}: no engine was started for this job")
+        return engine
 
     async def _call(self, job: str, request_id: str, coro: Any, tokens: int) -> Any:
         gauge = self.metrics.llm_in_flight.labels(job=job)
@@ -99,7 +110,7 @@ class LanguageModel:
                 return await coro
         except asyncio.CancelledError:
             # the deadline passed: make sure the engine stops working on it (agenerate also aborts)
-            await asyncio.shield(self._abort(request_id))
+            await asyncio.shield(self._abort(self.engines[job], request_id))
             raise
         except Exception as e:  # vLLM's errors (VLLMError, EngineDeadError, ...) share no narrower base
             raise LLMError(f"{job}: {type(e).__name__}: {e}") from e
@@ -111,21 +122,23 @@ class LanguageModel:
         return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     async def measure_rate(self, prompt_tokens: int = 256, runs: int = 2) -> float:
-        """Prompt tokens/s of this engine on distinct prompts (no prefix-cache hits); seeds ``admission``."""
+        """Prompt tokens/s of the scoring engine on distinct prompts (no prefix-cache hits); seeds ``admission``."""
+        engine = self.engines.get("rerank") or self._engine("preference")
         rates = []
         for run in range(runs):
             words = " ".join(f"w{run}x{i}" for i in range(prompt_tokens // 3))
             prompt = f"Rate probe {uuid.uuid4().hex}: {words}"
             n = self.tokens(prompt)
             start = asyncio.get_running_loop().time()
-            await ascore_labels(self.engine, prompt, [i for _, i in self.labels[:2]], f"rate-probe-{run}")
+            await ascore_labels(engine, prompt, [i for _, i in self.labels[:2]], f"rate-probe-{run}")
             rates.append(n / max(asyncio.get_running_loop().time() - start, 1e-6))
         self.admission.rate = rates[-1]  # the first may still pay one-off costs
         return self.admission.rate
 
-    async def _abort(self, request_id: str) -> None:
+    @staticmethod
+    async def _abort(engine: AsyncLLM, request_id: str) -> None:
         try:
-            await self.engine.abort(request_id)
+            await engine.abort(request_id)
         except Exception as e:  # best effort: the engine may already be gone
             log.debug("abort of %s failed: %s", request_id, e)
 
@@ -134,9 +147,9 @@ class LanguageModel:
         prompt = render(self.tokenizer, preference_messages(history, self.cfg.prompt))
         rid = _engine_request_id(request_id, "pref")
         cost = self.tokens(prompt) + self.cfg.generation.max_tokens  # decode steps counted like prompt tokens
-        texts = await self._call(
-            "preference", rid, agenerate(self.engine, prompt, self.cfg.generation, rid, self.loras["preference"]), cost
-        )
+        engine = self._engine("preference")
+        coro = agenerate(engine, prompt, self.cfg.generation, rid, self.loras.get("preference"))
+        texts = await self._call("preference", rid, coro, cost)
         return str(texts[0]).strip()
 
     def rerank_prompts(
@@ -159,9 +172,11 @@ class LanguageModel:
         prior removed, averaged over the candidate orders (one forward pass each, run concurrently);
         ``llm.scoring`` is the same code training measured with."""
 
+        engine = self._engine("rerank")
+
         async def one(prompt: str, tokens: int) -> np.ndarray:
             rid = _engine_request_id(request_id, "rank")
-            coro = ascore_labels(self.engine, prompt, prepared.label_ids, rid, self.loras["rerank"])
+            coro = ascore_labels(engine, prompt, prepared.label_ids, rid, self.loras.get("rerank"))
             return np.asarray(await self._call("rerank", rid, coro, tokens), dtype=np.float64)
 
         per_order = await asyncio.gather(*(one(p, n) for p, n in zip(prepared.prompts, prepared.tokens, strict=True)))
@@ -176,24 +191,6 @@ class LanguageModel:
 def _engine_request_id(request_id: str | None, job: str) -> str:
     """Unique per engine call (clients may reuse X-Request-ID) yet traceable to the HTTP request."""
     return f"{request_id or 'internal'}-{job}-{uuid.uuid4().hex[:8]}"
-
-
-def resolve_dtype(setting: str) -> str:
-    """``auto``: bfloat16 where it is native (GPU, CPU with AVX512-BF16/AMX), else float32.
-
-    On AVX2-only CPUs vLLM runs bf16 through slow fallbacks (measured ~3x slower than float32).
-    """
-    if setting != "auto":
-        return setting
-    import torch
-
-    if torch.cuda.is_available():
-        return "bfloat16"
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
 def label_probabilities(logprobs: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ queue (requests vLLM has not finished) next to the LLM calls this service has op
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -102,11 +102,12 @@ class ServiceMetrics:
         self.engine_pending_tokens.set_function(pending)
         self.engine_token_rate.set_function(rate)
 
-    def watch_engine(self, unfinished: Callable[[], float], counters: Any = None) -> None:
-        """Read the engine's queue length and its counters (``llm.engine.EngineCounters``) at scrape time."""
+    def watch_engine(self, unfinished: Callable[[], float], counters: Sequence[Any] = ()) -> None:
+        """Read the engines' queue length and their counters (``llm.engine.EngineCounters``, summed over the
+        engines) at scrape time."""
         self.engine_unfinished.set_function(unfinished)
         for name, gauge in self.engine_counters.items():
-            gauge.set_function(functools.partial(_counter, counters, name))
+            gauge.set_function(functools.partial(_counter, tuple(counters), name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -117,5 +118,5 @@ class ServiceMetrics:
         return float(got) if got is not None else 0.0
 
 
-def _counter(counters: Any, name: str) -> float:
-    return float(getattr(counters, name)) if counters is not None else 0.0
+def _counter(counters: tuple[Any, ...], name: str) -> float:
+    return float(sum(getattr(c, name) for c in counters))

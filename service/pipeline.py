@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llm.prompts import HistoryItem
-from llm.scoring import fused_scores
+from llm.scoring import ScoringSpec, fused_scores
 from service.artifacts import Artifacts
 from service.errors import DuplicateItemsError, TooManyItemsError, UnknownItemsError, UnknownUserError
 from service.language_model import LanguageModel, LLMError, label_probabilities
@@ -80,6 +80,7 @@ class RerankPipeline:
         preferences: PreferenceService,
         llm: LanguageModel | None,
         metrics: ServiceMetrics,
+        scoring: ScoringSpec | None = None,
     ):
         self.artifacts = artifacts
         self.settings = settings
@@ -89,7 +90,9 @@ class RerankPipeline:
         self.rerank_k = min(settings.rerank_k or artifacts.llm.rerank_k, llm.cfg.rerank_k if llm else 10**9)
         self.pref_dim = artifacts.retriever.cfg.pref_dim
         self.item_vectors = artifacts.retriever.item_vectors()  # (N+1, H): given candidates' retriever scores
-        self.scoring = artifacts.llm.scoring  # weight 0: the run found the LLM does not help; never called
+        # what the run chose (llm.json "scoring"), or the operator's override (service.runtime.served_scoring);
+        # weight 0: the LLM did not help on validation, and it is never called
+        self.scoring = scoring or artifacts.llm.scoring
         if self.scoring.log_prior is not None:  # the prior covers the labels the run measured, no more
             self.rerank_k = min(self.rerank_k, len(self.scoring.log_prior))
 

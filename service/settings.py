@@ -45,6 +45,9 @@ class Settings(BaseSettings):
 
     # ---- request shape ------------------------------------------------------------------------------
     rerank_k: int | None = Field(None, ge=1, description="candidates scored by the LLM; None = llm.json's")
+    fusion_weight: float | None = Field(
+        None, ge=0, description="the LLM's weight in the fused score; None = the run's (llm.json scoring.weight)"
+    )
     retrieve_k: int = Field(100, ge=1, description="candidates retrieved from FAISS when none are given")
     max_history: int = Field(200, ge=1, description="newest request-history items kept (older are dropped)")
     max_candidates: int = Field(500, ge=1, description="more given candidates than this is a 422")
@@ -84,6 +87,11 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(16, ge=1, description="sequences the engine batches per step")
     llm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="engine dtype; auto = bfloat16 on GPUs and bf16-capable CPUs, else float32"
+    )
+    llm_adapters: Literal["merged", "lora"] = Field(
+        "merged",
+        description="merged: each adapter merged into its own engine's weights (fast on CPU); lora: one engine, "
+        "vLLM multi-LoRA (less memory, ~10x slower prefill on CPU)",
     )
     kv_cache_gib: float | None = Field(None, gt=0, description="KV cache size; None = vLLM's default")
     preference_max_tokens: int | None = Field(

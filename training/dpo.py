@@ -11,7 +11,7 @@ SFT (the re-rank job): TRL's ``SFTTrainer`` on prompt -> the true item's label, 
 only (``completion_only_loss``).
 
 Both take plain rows and a model folder (``llm.models.resolve_model``), and write a PEFT adapter folder
-that vLLM loads with a ``LoRARequest`` (``llm.engine.make_lora``); :func:`merge_adapter` writes a merged
+that vLLM loads with a ``LoRARequest`` (``llm.engine.make_lora``); ``llm.weights.merge_adapter`` writes a merged
 full model instead, for serving without LoRA. Prompts are chat messages, so TRL applies the same chat
 template as ``llm.prompts.render`` does at serving time.
 
@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -456,32 +455,3 @@ def train_sft(
             )
     finally:
         shutil.rmtree(out_dir / "trainer", ignore_errors=True)
-
-
-def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
-    """A full model folder (weights + tokenizer) with the LoRA adapter merged in, for vLLM without LoRA.
-
-    Merged in float32, saved in ``dtype``; written to a temp folder and renamed into place.
-    """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists; merge into a new folder")
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged = merged.to(getattr(torch, dtype))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
-        merged.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
-        staged = Path(tmp) / "model"
-        staged.mkdir()
-        for item in list(Path(tmp).iterdir()):
-            if item != staged:
-                item.rename(staged / item.name)
-        staged.rename(out_dir)
-    log.info("merged %s into %s -> %s", adapter_dir, model_dir, out_dir)
-    return out_dir

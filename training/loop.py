@@ -41,12 +41,13 @@ import numpy as np
 
 from llm.prompts import preference_messages, render
 from llm.scoring import ScoringSpec
+from llm.weights import merge_adapter
 from retrieval.catalog import Catalog
 from retrieval.encoder import TextEncoder
 from retrieval.sasrec import SASRec
 from training import metrics as M
 from training.config import PipelineConfig
-from training.dpo import TrainResult, merge_adapter, train_dpo
+from training.dpo import TrainResult, train_dpo
 from training.pairs import PairSet, build_pairs, save_pairs
 from training.pipeline import StageTimer, _train_sasrec, prompt_config, ranks_on_test, run_isolated
 from training.preferences import history_items

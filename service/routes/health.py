@@ -50,11 +50,13 @@ async def readyz(state: MaybeStateDep, settings: SettingsDep, limiter: LimiterDe
 
 
 def _rerank_mode(state: ServiceState) -> str:
-    """How /rerank orders the candidates: what the run chose (llm.json "scoring") and what is on."""
-    scoring = state.artifacts.llm.scoring
+    """How /rerank orders the candidates: what the run chose (llm.json "scoring", or the settings' override)."""
+    scoring = state.pipeline.scoring
     if state.llm is None:
         return "retriever order (LLM disabled)"
     if not scoring.uses_llm:
+        if scoring != state.artifacts.llm.scoring:
+            return "retriever order: fusion weight 0 set by the settings (DPO4REC_FUSION_WEIGHT); no engine call"
         return "retriever order: the run chose fusion weight 0 (the LLM did not help on validation); no engine call"
     prior = "label prior removed" if scoring.log_prior is not None else "raw label scores"
     how = "LLM order" if scoring.weight is None else f"retriever + {scoring.weight:g} x LLM"

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from llm.weights import merge_adapter
 from training.dpo import (
     DPOTrainConfig,
     SFTTrainConfig,
     TrainResult,
     curves,
     dpo_dataset_rows,
-    merge_adapter,
     train_dpo,
 )
 from training.pairs import PairSet, PairStats
