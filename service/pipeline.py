@@ -50,6 +50,7 @@ class _Clock:
     deadline_s: float
     start: float = field(default_factory=time.perf_counter)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    prompt_tokens: int | None = None  # what the LLM scored, once it has
 
     def remaining(self) -> float:
         return self.deadline_s - (time.perf_counter() - self.start)
@@ -216,6 +217,7 @@ class RerankPipeline:
             log.warning("re-rank scoring failed: %s", e)
             degraded.add("llm_unavailable")
             return None
+        clock.prompt_tokens = prepared.total_tokens
         r = None if retriever_scores is None else retriever_scores[: len(head)]
         return label_probabilities(fused_scores(r, llm, self.scoring.weight))
 
@@ -266,6 +268,7 @@ class RerankPipeline:
             results=results,
             degraded=sorted(degraded),  # type: ignore[arg-type]
             timings_ms=clock.timings_ms,
+            prompt_tokens=clock.prompt_tokens,
             preference_source=resolved.source,
             preference=text if req.explain and resolved.preference is not None else None,
         )

@@ -129,6 +129,7 @@ class RerankResponse(BaseModel):
                     ],
                     "degraded": [],
                     "timings_ms": {"preference": 0.8, "retrieve": 0.0, "rerank": 41.3, "total": 43.0},
+                    "prompt_tokens": 371,
                     "preference_source": "cache",
                     "preference": None,
                 }
@@ -141,6 +142,9 @@ class RerankResponse(BaseModel):
     results: list[RerankResult] = Field(description="sorted by relevance_score, best first")
     degraded: list[DegradedReason] = Field(default_factory=list, description="what was skipped, if anything")
     timings_ms: dict[str, float] = Field(description="milliseconds per pipeline stage, and total")
+    prompt_tokens: int | None = Field(
+        None, description="prompt tokens the LLM scored for this answer (all candidate orders); null: not LLM-scored"
+    )
     preference_source: PreferenceSource = Field(description="where the preference came from")
     preference: str | None = Field(None, description="the preference text used, with explain")
 

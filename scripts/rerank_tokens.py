@@ -1,0 +1,194 @@
+"""Prompt tokens per re-rank vs validation NDCG@10: choosing K, recent items and preference length by measurement.
+
+Rebuilds the re-rank job's validation and calibration lists from a run directory under several prompt
+settings (one setting changed at a time from the run's), scores them with the run's re-rank adapter
+(merged, as the service serves it), removes the label prior re-estimated for each setting (PriDe on the
+calibration lists, as the job does) and prints, per setting: prompt tokens per request, the validation
+NDCG@10 of the LLM order alone, of the fused order at the best weight of ``rerank.fusion_weights``, and of the
+retriever. Validation users only (the test items are never read). The adapter was trained at the run's
+setting; the other settings show what a prompt of that shape costs and what the same model does with it.
+
+    python -m scripts.rerank_tokens runs/small3 --config small --out benchmarks/results/rerank_tokens.json
+"""
+
+from __future__ import annotations
+
+from llm.engine import apply_env_defaults
+
+apply_env_defaults()  # as `dpo4rec` sets them, before vLLM or the HF hub load
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import typer  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from llm.models import resolve_model  # noqa: E402
+from llm.prompts import render  # noqa: E402
+from llm.scoring import ScoringSpec, estimate_prior, fused_scores, item_logprobs, order, shifts  # noqa: E402
+from llm.weights import merge_adapter  # noqa: E402
+from retrieval.encoder import EncoderConfig, TextEncoder  # noqa: E402
+from retrieval.sasrec import SASRec  # noqa: E402
+from training import metrics as M  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.data import load_dataset  # noqa: E402
+from training.loop import LoopInputs, LoopOutputs, engine_cfg, engine_jobs  # noqa: E402
+from training.pipeline import prompt_config, run_isolated  # noqa: E402
+from training.preferences import load_preferences  # noqa: E402
+from training.rerank_job import rerank_lists  # noqa: E402
+from training.split import leave_one_out  # noqa: E402
+
+app = typer.Typer(add_completion=False)
+
+
+def _ndcg10(ranks: list[int]) -> float:
+    return float(M.per_user(np.array(ranks), ks=(10,))["NDCG@10"].mean())
+
+
+def _ranks(
+    every: list,
+    position: dict[str, int],
+    llm_scores: list[np.ndarray],
+    retriever_rank: dict[str, int],
+    weight: float | None,
+) -> list[int]:
+    """Each validation user's rank of the true item; an unscored list keeps the retriever's rank."""
+    out = []
+    for e in every:
+        if e.user_id not in position:
+            out.append(retriever_rank[e.user_id])
+            continue
+        s = llm_scores[position[e.user_id]]
+        fused = s if weight is None else fused_scores(np.asarray(e.retriever_scores), s, weight)
+        out.append(int(np.flatnonzero(order(fused) == e.target_position)[0]))
+    return out
+
+
+@app.command()
+def main(
+    run: Path = typer.Argument(..., help="a run directory written by `dpo4rec train` with the re-rank job on"),
+    config: str = typer.Option("small", help="the configuration the run was trained with"),
+    ks: str = typer.Option("5,10,20", help="K values tried (recent and preference at the run's)"),
+    recents: str = typer.Option("0,8", help="recent-item counts tried (K and preference at the run's)"),
+    preference_chars: str = typer.Option("100", help="preference lengths tried (K and recent at the run's)"),
+    out: Path = typer.Option(Path("benchmarks/results/rerank_tokens.json"), help="JSON summary"),
+) -> None:
+    cfg = load_config(config)
+    rc = cfg.rerank
+    dataset = load_dataset(cfg.data.name, Path(cfg.data.data_dir))
+    split = leave_one_out(dataset.interactions, cfg.data.min_interactions)
+    users = split.ids()[: cfg.max_users] if cfg.max_users else split.ids()
+    texts, vectors = load_preferences(run)
+    if list(texts) != users:
+        raise typer.BadParameter(f"{run} was not trained on the users of --config {config}")
+    llm = json.loads((run / "llm.json").read_text())
+    if not llm["adapters"].get("rerank"):
+        raise typer.BadParameter(f"{run} has no re-rank adapter")
+    retriever = SASRec.load(run / "retriever")
+    model_dir = resolve_model(cfg.llm.model, Path(cfg.llm.model_cache).expanduser())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    encoder = TextEncoder(EncoderConfig(**json.loads((run / "encoder.json").read_text())))
+
+    base = (rc.k, rc.recent_items, rc.preference_chars)
+    settings = [base]
+    settings += [(int(k), base[1], base[2]) for k in ks.split(",") if int(k) != base[0]]
+    settings += [(base[0], int(r), base[2]) for r in recents.split(",") if int(r) != base[1]]
+    settings += [(base[0], base[1], int(c)) for c in preference_chars.split(",") if int(c) != base[2]]
+    depth = max(10, *(k for k, _, _ in settings))  # the retriever's validation rank, to depth 10 at least
+
+    def lists_for(k: int, recent: int, chars: int):  # type: ignore[no-untyped-def]
+        """The job's lists, and the prompt settings, at one setting."""
+        c = dataclasses.replace(cfg, rerank=dataclasses.replace(rc, k=k, recent_items=recent, preference_chars=chars))
+        inp = LoopInputs(
+            cfg=c,
+            catalog=dataset.catalog,
+            split=split,
+            users=users,
+            model_dir=model_dir,
+            texts=texts,
+            vectors=vectors,
+            retriever=retriever,
+            encoder=encoder,
+            ranks=None,  # type: ignore[arg-type]  (the lists do not read it)
+        )
+        lists = rerank_lists(inp, tokenizer, LoopOutputs(texts=texts, vectors=vectors, retriever=retriever))
+        return lists, prompt_config(c)
+
+    # the retriever's validation rank of every user (the K-independent baseline), to `depth`
+    deep = lists_for(depth, base[1], base[2])[0].valid
+    retriever_rank = {e.user_id: (e.target_position if e.target_position is not None else depth) for e in deep}
+
+    jobs, plans = [], []
+    for k, recent, chars in settings:
+        lists, pcfg = lists_for(k, recent, chars)
+        valid = [e for e in lists.valid if e.target_position is not None]
+        cal_shifts = shifts(k, min(rc.calibration_shifts or k, k))
+        prompts, ids = [], []
+        for e in lists.calibration:
+            for s in cal_shifts:
+                prompts.append(render(tokenizer, e.shifted_messages(s, pcfg)))
+                ids.append([t for _, t in e.labels])
+        n_cal = len(prompts)
+        prompts += [render(tokenizer, e.messages) for e in valid]
+        ids += [[t for _, t in e.labels] for e in valid]
+        jobs.append({"kind": "score", "prompts": prompts, "label_ids": ids})
+        tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts[n_cal:]]
+        plans.append((k, recent, chars, lists.valid, valid, n_cal, len(cal_shifts), tokens))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = merge_adapter(model_dir, run / llm["adapters"]["rerank"], Path(tmp) / "merged", dtype="float32")
+        started = time.perf_counter()
+        scores = run_isolated(engine_jobs, engine_cfg(cfg), [{**j, "model": str(merged), "lora": None} for j in jobs])
+        seconds = time.perf_counter() - started
+
+    rows = []
+    for (k, recent, chars, every, valid, n_cal, n_shifts, tokens), raw in zip(plans, scores, strict=True):
+        calibration = [raw[i : i + n_shifts] for i in range(0, n_cal, n_shifts)]
+        spec = ScoringSpec(weight=None, log_prior=tuple(estimate_prior(calibration)), permutations=1)
+        llm_scores = [item_logprobs([s], [0], spec) for s in raw[n_cal:]]
+        position = {e.user_id: i for i, e in enumerate(valid)}
+
+        args = (every, position, llm_scores, retriever_rank)
+        curve = {w: _ndcg10(_ranks(*args, w)) for w in rc.fusion_weights}
+        best = max(curve.values())
+        row = {
+            "k": k,
+            "recent_items": recent,
+            "preference_chars": chars,
+            "prompt_tokens_mean": float(np.mean(tokens)) if tokens else None,
+            "scored_lists": len(valid),
+            "valid_users": len(every),
+            "ndcg10_retriever": _ndcg10([retriever_rank[e.user_id] for e in every]),
+            "ndcg10_llm_alone": _ndcg10(_ranks(*args, None)),
+            "ndcg10_fused_best": best,
+            "best_weight": min(w for w, v in curve.items() if v >= best - 1e-12),
+            "fusion_curve": {str(w): round(v, 6) for w, v in curve.items()},
+        }
+        rows.append(row)
+        print(json.dumps(row))
+    print(f"\n{'K':>3}{'recent':>7}{'chars':>6}{'tokens':>8}{'lists':>6}{'retriever':>10}{'LLM alone':>10}", end="")
+    print(f"{'fused':>8}{'w':>5}")
+    for r in rows:
+        print(
+            f"{r['k']:>3}{r['recent_items']:>7}{r['preference_chars']:>6}{r['prompt_tokens_mean']:>8.0f}"
+            f"{r['scored_lists']:>6}{r['ndcg10_retriever']:>10.4f}{r['ndcg10_llm_alone']:>10.4f}"
+            f"{r['ndcg10_fused_best']:>8.4f}{r['best_weight']:>5g}"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "date": time.strftime("%Y-%m-%d"),
+        "run": str(run),
+        "config": config,
+        "engine_seconds": seconds,
+        "rows": rows,
+    }
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"summary: {out} (engine {seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    app()
