@@ -9,9 +9,10 @@ phases never overlap, so they do not share the CPU):
 
 1. starts the real service as a subprocess (``python -m dpo4rec.cli serve --run DIR``: uvicorn, embedded
    Redis, the in-process vLLM engines of ``service.runtime``) and waits for ``GET /readyz``;
-2. warm-up, then ``POST /rerank`` for known users at concurrency 1, 4, 16 and 32 (every request a distinct
-   prompt). Per level: p50/p95/p99 latency of ALL answers; **goodput** = LLM-scored answers that met their
-   deadline, per second; the shares shed (``llm_shed``: admission predicted a late finish) and timed out
+2. warm-up, then ``POST /rerank`` for known users at concurrency 1, 4, 16 and 32, each level for
+   ``--level-seconds`` of closed-loop traffic (every request a distinct prompt). Per level: p50/p95/p99
+   latency of ALL answers; **goodput** = LLM-scored answers that met their deadline, per second; the
+   shares shed (``llm_shed``: admission predicted a late finish) and timed out
    (``llm_timeout``); prompt tokens per scored answer; the engines' prefix-cache hit rate over the level
    (deltas of ``/metrics``);
 3. the preference cache: a new user's first request (a miss: answered with the history stand-in while
@@ -20,7 +21,8 @@ phases never overlap, so they do not share the CPU):
 4. stops the service, rebuilds the very same re-rank prompts outside it (``llm.prompts`` + ``llm.labels``)
    and times ``llm.engine.ascore_labels`` on a fresh engine with the service's configuration and weights
    (``service.runtime.engine_config``, ``served_jobs``): one at a time (the service's overhead at
-   concurrency 1 = end-to-end / bare engine), and at concurrency 4 and 16. The bare engine's **capacity**
+   concurrency 1 = end-to-end / bare engine), and at concurrency 4 and 16 (distinct prompts per level, so
+   the prefix cache does not flatter a level). The bare engine's **capacity**
    is its best scored prompts/s there, and goodput is reported as a ratio to it.
 
 A run that chose fusion weight 0 never calls the LLM; ``--fusion-weight`` sets ``DPO4REC_FUSION_WEIGHT``
@@ -356,7 +358,7 @@ async def bare_engine(
     budget_s: float,
 ) -> dict[str, Any]:
     """``ascore_labels`` for the same prompts on the service's re-rank engine (``service.runtime``'s config and
-    weights): first ``single`` one at a time, then ``batch`` concurrently."""
+    weights): first ``single`` one at a time, then ``batch`` split over the ``concurrency`` levels."""
     import numpy as np
 
     from llm.engine import ascore_labels, async_engine, make_lora
@@ -385,8 +387,10 @@ async def bare_engine(
                 same_order += int(np.argmax(probs) == int(np.argmax(job.service_probs)))
 
         concurrent = []
-        for level in concurrency:
-            concurrent.append(await _bare_level(engine, batch, level, lora, budget_s))
+        per_level = len(batch) // max(len(concurrency), 1)
+        for i, level in enumerate(concurrency):  # distinct prompts per level: no prefix-cache hits between them
+            jobs = batch[i * per_level : (i + 1) * per_level]
+            concurrent.append(await _bare_level(engine, jobs, level, lora, budget_s))
     capacity = max(
         [c["throughput_rps"] for c in concurrent] + [len(single_ms) / (sum(single_ms) / 1000) if single_ms else 0.0]
     )
@@ -548,9 +552,9 @@ async def service_phase(args: argparse.Namespace, run: Path, k: int, report: dic
 
             for concurrency, n in zip(args.concurrency, args.requests, strict=True):
                 payloads = [next_payload() for _ in range(n)]
-                print(f"[level] concurrency {concurrency}: {n} requests ...", flush=True)
+                print(f"[level] concurrency {concurrency}: {args.level_seconds:.0f} s ...", flush=True)
                 level = await run_level(
-                    client, payloads, concurrency, args.level_timeout_s, args.request_timeout_s, args.deadline_ms
+                    client, payloads, concurrency, args.level_seconds, args.request_timeout_s, args.deadline_ms
                 )
                 s = level["summary"]
                 print(
@@ -652,7 +656,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    from service.artifacts import load_llm_spec
+    from rundir.reader import load_llm_spec
     from service.runtime import engine_config, model_folder, served_jobs
     from service.settings import Settings
 
@@ -752,14 +756,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/service.json"), help="JSON summary")
     parser.add_argument("--port", type=int, default=0, help="service port on 127.0.0.1 (0: a free one)")
     parser.add_argument("--concurrency", type=parse_ints, default=[1, 4, 16, 32], help="levels, comma-separated")
-    parser.add_argument("--requests", type=parse_ints, default=[20, 40, 80, 120], help="requests per level")
+    parser.add_argument("--requests", type=parse_ints, default=[1000, 2000, 3000, 3000], help="most requests per level")
+    parser.add_argument(
+        "--level-seconds", type=float, default=30.0, help="no new request after this per level (a steady state)"
+    )
     parser.add_argument(
         "--fusion-weight", type=float, default=None, help="DPO4REC_FUSION_WEIGHT for the service (None: the run's)"
     )
     parser.add_argument("--bare-concurrency", type=parse_ints, default=[4, 16], help="bare engine levels")
     parser.add_argument("--warmup", type=int, default=4, help="requests before the first level (not counted)")
-    parser.add_argument("--miss-users", type=int, default=3, help="new users for the cache miss/hit pairs")
-    parser.add_argument("--bare-concurrent-requests", type=int, default=32, help="prompts for the bare engine batch")
+    parser.add_argument("--miss-users", type=int, default=5, help="new users for the cache miss/hit pairs")
+    parser.add_argument(
+        "--bare-concurrent-requests", type=int, default=64, help="prompts for the bare engine's concurrent levels"
+    )
     parser.add_argument("--deadline-ms", type=int, default=3000, help="request deadline (and the service's cap)")
     parser.add_argument("--request-timeout-s", type=float, default=120.0, help="client timeout of one request")
     parser.add_argument("--level-timeout-s", type=float, default=900.0, help="no new request after this per level")

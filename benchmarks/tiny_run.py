@@ -27,8 +27,8 @@ def build(out: Path, n_users: int, n_items: int, base_model: str, seed: int = 0)
     from retrieval.catalog import Catalog, Item
     from retrieval.encoder import EncoderConfig, TextEncoder
     from retrieval.index import ItemIndex
-    from retrieval.rundir import write_manifest
     from retrieval.sasrec import SASRec, SASRecConfig
+    from rundir.manifest import write_manifest
 
     rng = random.Random(seed)
     out.mkdir(parents=True)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from retrieval.rundir import RunDirError, atomic_write_text, read_manifest, sha256
+from rundir.manifest import RunDirError, atomic_write_text, read_manifest, sha256
 
 if TYPE_CHECKING:
     from service.runtime import ServiceState
@@ -137,6 +137,7 @@ def service_settings(run_dir: Path, **overrides: Any) -> dict[str, Any]:
         "deadline_ms": BATCH_DEADLINE_MS,
         "preference_wait": True,
         "admission": False,  # never shed: a batch has the time
+        "api_nice": 0,  # nothing is answered without the LLM here: no fast path to keep off the engine's cores
         **overrides,
     }
 

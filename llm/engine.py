@@ -76,6 +76,9 @@ class EngineConfig:
     seed: int = 0
     max_num_seqs: int | None = None  # sequences batched per engine step; None: vLLM's default
     max_num_batched_tokens: int | None = None  # None: vLLM's default for the platform
+    # KV cache block (tokens); prefix-cache hits are whole blocks. None: vLLM's default (128 on CPU, so a
+    # ~60-token shared system prompt never hits; 32 lets it, and a user's stable prompt part)
+    block_size: int | None = None
     max_logprobs: int = 64  # must be >= the largest number of labels scored
     enable_lora: bool = False
     max_lora_rank: int = 16
@@ -121,6 +124,8 @@ class EngineConfig:
             kwargs["max_num_seqs"] = self.max_num_seqs
         if self.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
+        if self.block_size is not None:
+            kwargs["block_size"] = self.block_size
         if self.kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * 2**30)
         if self.enable_lora:

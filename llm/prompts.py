@@ -48,7 +48,7 @@ class PromptConfig:
     max_title_chars: int = 80  # long product titles are cut, keeping prompts bounded
     max_preference_chars: int = 1000  # the preference text in the re-rank prompt is cut to this
     # "Clash of the Titans, The" prints as "The Clash of the Titans" (natural_title). Runs saved before this
-    # setting existed printed catalogue order; service/artifacts.py reads a missing field as False.
+    # setting existed printed catalogue order; rundir/reader.py reads a missing field as False.
     natural_titles: bool = True
     system_preference: str = field(default="You are an expert in {noun} recommendation. You analyse what a user likes.")
     system_rerank: str = field(

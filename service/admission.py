@@ -9,9 +9,12 @@ and making every later request late too.
 
 The rate is a moving estimate in prompt tokens per second of engine busy time: seeded by a measurement
 at start (``LanguageModel.measure_rate``), then updated from completed work (an exponential moving
-average over samples of at least ``min_sample_s`` of busy time). Background preference generations
-count too (their prompt plus their generation budget, in the same token units), since they take the
-same cores.
+average over samples of at least ``min_sample_s`` of busy time). Work that misses its deadline never
+completes, so it cannot correct an optimistic rate; each miss therefore cuts the rate by ``backoff``
+(completed work raises it again): without that, an engine slowed by other load (the service's own
+retrieval under a burst, a neighbour process) would keep admitting work that times out. Background
+preference generations count too (their prompt plus their generation budget, in the same token
+units), since they take the same cores.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ from contextlib import contextmanager
 
 
 class Admission:
-    def __init__(self, rate: float, alpha: float = 0.3, min_sample_s: float = 0.25, headroom: float = 1.0):
+    def __init__(
+        self, rate: float, alpha: float = 0.3, min_sample_s: float = 0.25, headroom: float = 1.0, backoff: float = 0.8
+    ):
         if rate <= 0:
             raise ValueError(f"the initial rate must be > 0 tokens/s, got {rate}")
         self.rate = float(rate)  # prompt tokens per second of busy engine
         self.alpha = alpha
         self.min_sample_s = min_sample_s
         self.headroom = headroom  # predicted time x headroom must fit the deadline (>1: more cautious)
+        self.backoff = backoff  # the rate is multiplied by this on each deadline miss
         self.pending = 0  # tokens of admitted work not finished
         self._sample_start: float | None = None
         self._sample_tokens = 0
@@ -39,6 +45,10 @@ class Admission:
 
     def admits(self, tokens: int, remaining_s: float) -> bool:
         return self.predicted_s(tokens) * self.headroom <= remaining_s
+
+    def missed(self) -> None:
+        """Admitted work missed its deadline: the rate was optimistic."""
+        self.rate *= self.backoff
 
     @contextmanager
     def running(self, tokens: int) -> Iterator[None]:

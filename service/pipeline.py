@@ -31,7 +31,7 @@ import numpy as np
 
 from llm.prompts import HistoryItem
 from llm.scoring import ScoringSpec, fused_scores
-from service.artifacts import Artifacts
+from rundir.reader import Artifacts
 from service.errors import DuplicateItemsError, TooManyItemsError, UnknownItemsError, UnknownUserError
 from service.language_model import LanguageModel, LLMError, label_probabilities
 from service.metrics import ServiceMetrics
@@ -212,6 +212,8 @@ class RerankPipeline:
             llm = await asyncio.wait_for(self.llm.score(prepared, self.scoring, request_id), timeout=budget)
         except asyncio.TimeoutError:
             degraded.add("llm_timeout")
+            if self.settings.admission:
+                self.llm.admission.missed()  # admitted yet late: the engine is slower than estimated
             return None
         except LLMError as e:
             log.warning("re-rank scoring failed: %s", e)
@@ -252,7 +254,12 @@ class RerankPipeline:
                 candidates, retriever_scores = await asyncio.to_thread(self._retrieve, history, vector, k)
 
         with clock.stage("rerank", self.metrics):
-            probabilities = await self._rerank(text, history, candidates, retriever_scores, clock, request_id, degraded)
+            try:
+                probabilities = await self._rerank(
+                    text, history, candidates, retriever_scores, clock, request_id, degraded
+                )
+            finally:
+                resolved.release()  # a background generation this request caused may start now
 
         order, scores = final_order(len(candidates), probabilities)
         results = [

@@ -18,8 +18,10 @@ Generation is single-flight, at two levels:
   replica holds it, the task polls the cache for that replica's result instead of generating. With
   Redis down, the in-process single-flight alone applies.
 
-The task is detached from the requests (bounded by ``preference_timeout_s``). Shutdown cancels open
-generations, which aborts them in vLLM.
+The task is detached from the requests (bounded by ``preference_timeout_s``). It starts once the request
+that caused it has been answered (``Resolved.release``, called by the pipeline after its LLM stage; at
+most ``start_delay_s`` later in any case), so a new user's first answer does not share the cores with
+its own preference's generation. Shutdown cancels open generations, which aborts them in vLLM.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class Resolved:
     preference: Preference | None
     source: Source
     degraded: set[str]
+    release: Callable[[], None] = lambda: None  # lets a background generation this request caused start
+
+
+def _noop() -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,7 @@ class PreferenceService:
         stand_in: Callable[[list[HistoryItem]], str],
         queue_size: int = 64,
         wait: bool = False,
+        start_delay_s: float = 10.0,
     ):
         self.version = version
         self.run_preferences = run_preferences
@@ -85,6 +93,7 @@ class PreferenceService:
         self.stand_in = stand_in  # history -> text (llm.prompts.history_text with the run's prompt settings)
         self.queue_size = queue_size
         self.wait = wait  # batch jobs: a miss waits for the LLM's text (latency does not matter there)
+        self.start_delay_s = start_delay_s  # a generation waits for its request's answer, at most this long
         self._tasks: dict[str, asyncio.Task[_Generated]] = {}
         metrics.preference_queue.set_function(lambda: len(self._tasks))
 
@@ -112,7 +121,9 @@ class PreferenceService:
             return Resolved(preference, "run", degraded)
         if not history:
             return Resolved(None, "none", degraded)
-        if self.llm is not None and self._schedule(user_id, history, request_id):
+        gate = None if self.wait else asyncio.Event()
+        release = gate.set if gate is not None else _noop
+        if self.llm is not None and self._schedule(user_id, history, request_id, gate):
             task = self._tasks.get(user_id)
             if self.wait and task is not None:
                 try:
@@ -128,16 +139,18 @@ class PreferenceService:
                 degraded.add("preference_pending")
         text = self.stand_in(history)
         vector = (await asyncio.to_thread(self.encoder.encode, [text]))[0]  # (D,) float32
-        return Resolved(Preference(text=text, vector=vector), "history", degraded)
+        return Resolved(Preference(text=text, vector=vector), "history", degraded, release)
 
-    def _schedule(self, user_id: str, history: list[HistoryItem], request_id: str) -> bool:
-        """Start (or join) the user's background generation; False when the queue is full (dropped)."""
+    def _schedule(self, user_id: str, history: list[HistoryItem], request_id: str, gate: asyncio.Event | None) -> bool:
+        """Start (or join) the user's background generation; False when the queue is full (dropped). With a
+        ``gate``, the generation starts when it is set (the request answered) or after ``start_delay_s``."""
         if user_id in self._tasks:
             return True
         if len(self._tasks) >= self.queue_size:
             self.metrics.generations.labels(outcome="dropped").inc()
             return False
-        task = asyncio.create_task(self._generate(user_id, history, request_id), name=f"preference:{user_id}")
+        coro = self._generate(user_id, history, request_id, gate)
+        task = asyncio.create_task(coro, name=f"preference:{user_id}")
         self._tasks[user_id] = task
         task.add_done_callback(functools.partial(self._forget, user_id))
         return True
@@ -148,7 +161,14 @@ class PreferenceService:
         if not task.cancelled() and task.exception() is not None:
             log.warning("background preference for %s failed: %s", user_id, task.exception())
 
-    async def _generate(self, user_id: str, history: list[HistoryItem], request_id: str) -> _Generated:
+    async def _generate(
+        self, user_id: str, history: list[HistoryItem], request_id: str, gate: asyncio.Event | None
+    ) -> _Generated:
+        if gate is not None:
+            try:
+                await asyncio.wait_for(gate.wait(), self.start_delay_s)
+            except asyncio.TimeoutError:
+                pass  # the request is still running (or failed before releasing): start anyway
         try:
             return await asyncio.wait_for(
                 self._generate_locked(user_id, history, request_id), self.generation_timeout_s

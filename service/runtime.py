@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
@@ -31,8 +32,8 @@ from llm.prompts import history_text
 from llm.scoring import ScoringSpec
 from llm.weights import merged_model
 from retrieval.encoder import TextEncoder
-from retrieval.rundir import RunDirError
-from service.artifacts import Artifacts, LLMSpec, load_artifacts
+from rundir.manifest import RunDirError
+from rundir.reader import Artifacts, LLMSpec, load_artifacts
 from service.cache import CacheUnavailable, Preference, PreferenceCache
 from service.language_model import LanguageModel, LLMJobConfig
 from service.metrics import ServiceMetrics
@@ -99,12 +100,31 @@ def engine_config(settings: Settings, spec: LLMSpec, model: Path, lora: bool) ->
         enable_lora=lora,
         kv_cache_gib=settings.kv_cache_gib,
         dtype=resolve_dtype(settings.llm_dtype),
+        block_size=settings.llm_block_size,
     )
 
 
 def model_folder(settings: Settings, spec: LLMSpec) -> Path:
     """The base model's folder: the settings' override, else ``llm.json``'s model (resolved offline)."""
     return resolve_model(str(settings.llm_model) if settings.llm_model else spec.base_model, settings.model_cache)
+
+
+def lower_priority(nice: int) -> None:
+    """Add ``nice`` to every thread of this process (Linux niceness is per thread; later threads inherit it).
+
+    Called once the engines (child processes) run: when the cores are shared, the engine then keeps its
+    share of them under a burst of requests answered without the LLM, whose HTTP, retrieval and encoding
+    would otherwise take the cores from the work that yields LLM-scored answers (docs/BENCHMARKS.md)."""
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # not Linux: the process as a whole
+        tids = [0]
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        except (OSError, ProcessLookupError):  # a thread that ended meanwhile
+            pass
+    log.info("API process niceness +%d (the engine processes keep theirs)", nice)
 
 
 async def _warm_cache(cache: PreferenceCache, artifacts: Artifacts) -> None:
@@ -191,6 +211,11 @@ async def _start_cache(
 async def open_service(settings: Settings, metrics: ServiceMetrics) -> AsyncIterator[ServiceState]:
     """Everything ``/rerank`` needs (run, Redis, engines, preferences, pipeline), closed in reverse order."""
     async with AsyncExitStack() as stack:
+        if settings.torch_threads is not None:  # leave the cores to the engine process; restored on close
+            import torch
+
+            stack.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(settings.torch_threads)
         try:
             artifacts = await asyncio.to_thread(load_artifacts, settings.run_dir, settings.verify_checksums)
         except RunDirError as e:
@@ -206,6 +231,8 @@ async def open_service(settings: Settings, metrics: ServiceMetrics) -> AsyncIter
         if settings.warm_cache:
             await _warm_cache(cache, artifacts)
         llm = await _start_llm(settings, artifacts.llm, metrics, stack) if settings.llm_enabled else None
+        if llm is not None and settings.api_nice:
+            lower_priority(settings.api_nice)
         preferences = PreferenceService(
             version=artifacts.version,
             run_preferences={

@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from retrieval.rundir import RunDirError, verify
-from service.artifacts import REQUIRED_FILES
+from rundir.manifest import RunDirError, verify
+from rundir.reader import REQUIRED_FILES
 from service.logging import configure_logging
 from service.main import create_app
 from service.settings import Settings

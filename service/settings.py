@@ -93,6 +93,22 @@ class Settings(BaseSettings):
         description="merged: each adapter merged into its own engine's weights (fast on CPU); lora: one engine, "
         "vLLM multi-LoRA (less memory, ~10x slower prefill on CPU)",
     )
+    llm_block_size: int | None = Field(
+        32, ge=16, description="KV cache block in tokens; prefix-cache hits are whole blocks (None: vLLM's default)"
+    )
+    torch_threads: int | None = Field(
+        1,
+        ge=1,
+        description="torch threads of the API process (retrieval, encoding); the engine process has its own. "
+        "None: torch's default (every core, competing with the engine)",
+    )
+    api_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="niceness added to the API process once the engines run: on shared cores the engine keeps "
+        "its share under a burst of fast answers (0: off)",
+    )
     kv_cache_gib: float | None = Field(None, gt=0, description="KV cache size; None = vLLM's default")
     preference_max_tokens: int | None = Field(
         None, ge=1, description="generation length of a preference; None = llm.json's"

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import os
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",  # never reach a model hub
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",  # vLLM forks its engine process; tokenizer threads would warn
-    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB per engine; vLLM on CPU reads it (an int)
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # 2 cores here: give both to the engine's OpenMP threads
-    "OMP_NUM_THREADS": "2",
-    "VLLM_NO_USAGE_STATS": "1",  # no usage reporting (there is no network anyway)
-    "DO_NOT_TRACK": "1",
-    "VLLM_LOGGING_LEVEL": "WARNING",
-}.items():
-    os.environ.setdefault(_key, _value)
+from llm.engine import apply_env_defaults  # noqa: E402  (cheap: vLLM is imported lazily)
+
+apply_env_defaults(  # the engine's defaults (llm.engine.ENGINE_ENV_DEFAULTS), and the suite's own
+    {
+        "HF_DATASETS_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB per engine: several tiny engines live at once in the suite
+        "OMP_NUM_THREADS": "2",
+        "VLLM_LOGGING_LEVEL": "WARNING",
+        "DPO4REC_API_NICE": "0",  # apps run inside the pytest process: never lower its priority
+    }
+)
 
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -118,6 +116,22 @@ def build_tiny_llm(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> None:
     model.generation_config = GenerationConfig(**ids)
     model.save_pretrained(out_dir)
     save_tokenizer(tokenizer, out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dir(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter (r=8, seed 0) on the tiny model, with random A and B so it changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.float32)
+    # init_lora_weights=False: random B as well as A, so the adapter changes the outputs.
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    out = tmp_path_factory.mktemp("tiny-lora")
+    get_peft_model(model, lora).save_pretrained(str(out))
+    return out
 
 
 @pytest.fixture(scope="session")

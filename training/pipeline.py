@@ -27,7 +27,7 @@ from llm.prompts import PromptConfig
 from retrieval.catalog import Catalog
 from retrieval.encoder import EncoderConfig, TextEncoder
 from retrieval.index import ItemIndex
-from retrieval.rundir import RunDirError, read_manifest, staging_dir, write_manifest
+from rundir.manifest import RunDirError, read_manifest, staging_dir, write_manifest
 from retrieval.sasrec import SASRec, SASRecConfig
 from training import metrics as M
 from training.config import PipelineConfig

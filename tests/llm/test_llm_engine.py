@@ -126,21 +126,6 @@ def async_tiny(tiny_engine_config: EngineConfig) -> Iterator[AsyncHarness]:
         loop.close()
 
 
-@pytest.fixture(scope="module")
-def tiny_lora_dir(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.float32)
-    # init_lora_weights=False: random B as well as A, so the adapter changes the outputs.
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    out = tmp_path_factory.mktemp("tiny-lora")
-    get_peft_model(model, lora).save_pretrained(str(out))
-    return out
-
-
 @pytest.mark.engine
 def test_async_scoring_equals_sync_scoring(async_tiny: AsyncHarness, llm_engine: LLM, smollm2_tokenizer: Any) -> None:
     assert engine_alive(async_tiny.engine)

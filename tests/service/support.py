@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from retrieval.catalog import Catalog, Item
 from retrieval.encoder import EncoderConfig, TextEncoder
 from retrieval.index import ItemIndex
-from retrieval.rundir import write_manifest
 from retrieval.sasrec import SASRec, SASRecConfig
+from rundir.manifest import write_manifest
 
 T = TypeVar("T")
 VERSION = "tiny-test-1"

@@ -26,7 +26,7 @@ import pytest
 
 from dpo4rec import batch
 from dpo4rec.batch import preferences_job, rerank_job
-from retrieval.rundir import verify
+from rundir.manifest import verify
 from tests.service.support import VERSION, build_run_dir
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from retrieval.rundir import RunDirError
+from rundir.manifest import RunDirError
 from service.main import create_app
 from tests.service.support import API_KEY, base_settings, run_async
 
@@ -74,7 +74,7 @@ def test_a_run_saved_before_natural_titles_keeps_catalogue_order(tmp_path):
     catalogue-order titles, so the service must not rewrite them; a run that says True gets them rewritten."""
     import json
 
-    from service.artifacts import load_llm_spec
+    from rundir.reader import load_llm_spec
 
     raw = {"base_model": "smollm2-135m-instruct", "prompt": {"max_history": 10}}
     (tmp_path / "llm.json").write_text(json.dumps(raw))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.rundir import verify
+from rundir.manifest import verify
 from training.config import from_dict, load_config
 from training.loop import BASE_ROW, aligned_row, sample_users
 from training.rerank_job import COLD, COLD_RETRIEVER, FUSED, RERANK_ROWS, SFT, SFT_DPO

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tiny import write_tiny_dataset  # same directory
 
-from retrieval.rundir import RunDirError, verify, write_manifest
+from rundir.manifest import RunDirError, verify, write_manifest
 from training.config import from_dict
 from training.pipeline import reuse_preferences, run_pipeline
 from training.preferences import save_preferences

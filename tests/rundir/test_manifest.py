@@ -5,7 +5,7 @@ import json
 import pytest
 
 from retrieval.catalog import Catalog, Item, UnknownItemError
-from retrieval.rundir import RunDirError, staging_dir, verify, write_manifest
+from rundir.manifest import RunDirError, staging_dir, verify, write_manifest
 
 
 def test_complete_run_verifies_and_partial_or_changed_is_refused(tmp_path):

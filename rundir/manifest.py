@@ -1,12 +1,9 @@
-"""Run directories: the one artifact that training writes and the service loads (SPEC section 6).
+"""The manifest of a run directory, and the atomic writes every writer of one uses.
 
-A run directory is written whole into a temporary sibling and renamed into place, so a reader sees
-either nothing or a complete run. ``manifest.json`` records the format version, the data set, the
-resolved configuration, the sha256 of every file and the headline metrics; :func:`verify` refuses a
-partial or tampered directory with a message that says what is wrong.
-
-Lives in ``retrieval`` because the catalog, the retriever and the index are its core; ``llm`` files in
-it are referenced by name only.
+A run directory is written whole into a temporary sibling and renamed into place (``staging_dir``), so a
+reader sees either nothing or a complete run. ``manifest.json`` records the format version, the data
+set, the resolved configuration, the sha256 of every file and the headline metrics; :func:`verify`
+refuses a partial or tampered directory with a message that says what is wrong.
 """
 
 from __future__ import annotations

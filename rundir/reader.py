@@ -1,0 +1,123 @@
+"""Read a run directory (docs/ARCHITECTURE.md, "Run directory") into the objects the service serves.
+
+The directory is verified first (``rundir.manifest.verify``: manifest present, every required file
+listed and unchanged); then its parts are checked against each other (catalog size vs retriever vs
+index, vector dimensions, history indices), so a partial or mismatched run is refused at start with
+one message saying what is wrong, never discovered by a request.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.catalog import Catalog
+from retrieval.encoder import EncoderConfig
+from retrieval.index import ItemIndex
+from retrieval.sasrec import SASRec
+from rundir.manifest import RunDirError, verify
+from rundir.preferences import load_preferences
+from rundir.spec import LLMSpec, load_llm_spec, read_json
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FILES = (
+    "catalog.jsonl",
+    "retriever/model.pt",
+    "retriever/config.json",
+    "encoder.json",
+    "index.faiss",
+    "preferences.jsonl",
+    "preference_vectors.npy",
+    "users.json",
+    "llm.json",
+)
+
+
+@dataclass
+class Artifacts:
+    root: Path
+    version: str
+    manifest: dict[str, Any]
+    catalog: Catalog
+    retriever: SASRec
+    encoder_config: EncoderConfig
+    index: ItemIndex
+    preference_texts: dict[str, str]  # user -> text, from preferences.jsonl
+    preference_rows: dict[str, int]  # user -> row of preference_vectors
+    preference_vectors: np.ndarray  # (n_users, D) float32
+    users: dict[str, list[int]]  # user -> served history (catalog indices, time order)
+    llm: LLMSpec
+    ignored: list[str] = field(default_factory=list)  # llm.json keys this code does not know
+
+    def preference_of(self, user_id: str) -> tuple[str, np.ndarray] | None:
+        row = self.preference_rows.get(user_id)
+        if row is None:
+            return None
+        return self.preference_texts[user_id], self.preference_vectors[row]
+
+
+def load_artifacts(root: Path, checksums: bool = True) -> Artifacts:
+    """Verify and load a run directory; raises :class:`RunDirError` naming the problem."""
+    root = Path(root)
+    manifest = verify(root, required=REQUIRED_FILES, checksums=checksums)
+    version = str(manifest.get("version") or "")
+    if not version:
+        raise RunDirError(f"{root / 'manifest.json'} has no version (Redis keys and responses need it)")
+    catalog = Catalog.load(root / "catalog.jsonl")
+    try:
+        retriever = SASRec.load(root / "retriever")
+        index = ItemIndex.load(root / "index.faiss")
+        encoder_config = EncoderConfig(**read_json(root, "encoder.json"))
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
+        raise RunDirError(f"{root}: {e}") from None
+    n = len(catalog)
+    if retriever.cfg.num_items != n or index.num_items != n:
+        raise RunDirError(
+            f"{root}: catalog has {n} items but the retriever has {retriever.cfg.num_items} and the index "
+            f"{index.num_items}: the files come from different runs"
+        )
+    if index.dim != retriever.cfg.hidden:
+        raise RunDirError(f"{root}: index dim {index.dim} != retriever hidden {retriever.cfg.hidden}")
+    texts, vectors = load_preferences(root)
+    rows = {user: i for i, user in enumerate(texts)}
+    if retriever.cfg.pref_dim and vectors.shape[1] != retriever.cfg.pref_dim:
+        raise RunDirError(
+            f"{root}: preference vectors are {vectors.shape[1]}-d but the retriever fuses {retriever.cfg.pref_dim}-d"
+        )
+    users_raw = read_json(root, "users.json")
+    users = {str(u): [int(i) for i in items] for u, items in users_raw.items()}
+    bad = [u for u, items in users.items() if any(not 1 <= i <= n for i in items)]
+    if bad:
+        raise RunDirError(f"{root / 'users.json'}: item indices outside 1..{n} for users {bad[:5]}")
+    ignored: list[str] = []
+    llm = load_llm_spec(root, ignored)
+    log.info("loaded run %s (version %s): %d items, %d users, %d preferences", root, version, n, len(users), len(rows))
+    return Artifacts(
+        root=root,
+        version=version,
+        manifest=manifest,
+        catalog=catalog,
+        retriever=retriever,
+        encoder_config=encoder_config,
+        index=index,
+        preference_texts=texts,
+        preference_rows=rows,
+        preference_vectors=vectors,
+        users=users,
+        llm=llm,
+        ignored=ignored,
+    )
+
+
+def read_users(root: Path) -> dict[str, list[int]]:
+    """``users.json``: user -> served history (catalog indices, time order)."""
+    return {str(u): [int(i) for i in items] for u, items in read_json(Path(root), "users.json").items()}
+
+
+def read_catalog(root: Path) -> Catalog:
+    return Catalog.load(Path(root) / "catalog.jsonl")
