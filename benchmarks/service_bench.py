@@ -302,10 +302,10 @@ class PromptBuilder:
         from transformers import AutoTokenizer
 
         from llm.labels import candidate_labels
-        from retrieval.catalog import Catalog
+        from rundir.reader import read_catalog, read_users
 
-        self.catalog = Catalog.load(run / "catalog.jsonl")
-        self.users = {str(u): [int(i) for i in v] for u, v in json.loads((run / "users.json").read_text()).items()}
+        self.catalog = read_catalog(run)
+        self.users = read_users(run)
         self.spec = spec
         self.k = settings.rerank_k or spec.rerank_k
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -456,13 +456,12 @@ class UserStream:
     def __init__(self, run: Path, min_history: int = 3):
         import random
 
-        from retrieval.catalog import Catalog
+        from rundir.preferences import load_preferences
+        from rundir.reader import read_catalog, read_users
 
-        self.catalog = Catalog.load(run / "catalog.jsonl")
-        self.histories: dict[str, list[int]] = json.loads((run / "users.json").read_text())
-        prefs = {
-            json.loads(line)["user_id"] for line in (run / "preferences.jsonl").read_text().splitlines() if line.strip()
-        }
+        self.catalog = read_catalog(run)
+        self.histories = read_users(run)
+        prefs, _ = load_preferences(run)
         users = sorted((u for u, h in self.histories.items() if len(h) >= 2 and u in prefs), key=str)
         random.Random(0).shuffle(users)
         if not users:
@@ -656,13 +655,16 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    from rundir.reader import load_llm_spec
+    from rundir.manifest import RunDirError
+    from rundir.reader import load_llm_spec, read_version
     from service.runtime import engine_config, model_folder, served_jobs
     from service.settings import Settings
 
     run = args.run.resolve()
-    if not (run / "manifest.json").is_file():
-        raise SystemExit(f"{run} is not a run directory (no manifest.json)")
+    try:
+        version = read_version(run)
+    except RunDirError as e:
+        raise SystemExit(str(e)) from None
     settings = Settings(run_dir=run)  # type: ignore[call-arg]  (reads the same DPO4REC_* as the service)
     spec = load_llm_spec(run, [])
     k = settings.rerank_k or spec.rerank_k
@@ -670,7 +672,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "run": str(args.run),
-        "run_version": json.loads((run / "manifest.json").read_text()).get("version"),
+        "run_version": version,
         "machine": machine(),
         "env": {
             key: os.environ.get(key)

@@ -11,9 +11,7 @@ the model cache) with the default re-rank K of 20, so the prompts have realistic
 from __future__ import annotations
 
 import argparse
-import json
 import random
-from dataclasses import asdict
 from pathlib import Path
 
 GENRES = ("Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Animation", "Crime", "War")
@@ -24,14 +22,16 @@ def build(out: Path, n_users: int, n_items: int, base_model: str, seed: int = 0)
     import numpy as np
     import torch
 
+    from llm.engine import GenerationConfig
+    from llm.prompts import PromptConfig
     from retrieval.catalog import Catalog, Item
     from retrieval.encoder import EncoderConfig, TextEncoder
     from retrieval.index import ItemIndex
     from retrieval.sasrec import SASRec, SASRecConfig
-    from rundir.manifest import write_manifest
+    from rundir.spec import LLMSpec
+    from rundir.writer import RunContents, write_run
 
     rng = random.Random(seed)
-    out.mkdir(parents=True)
     items = []
     for i in range(1, n_items + 1):
         year = rng.randint(1950, 1998)
@@ -40,16 +40,11 @@ def build(out: Path, n_users: int, n_items: int, base_model: str, seed: int = 0)
             Item(item_id=str(i), title=title, genres=tuple(sorted(rng.sample(GENRES, rng.randint(1, 3)))), year=year)
         )
     catalog = Catalog(items)
-    catalog.save(out / "catalog.jsonl")
     users = {str(u): rng.sample(range(1, n_items + 1), rng.randint(20, 60)) for u in range(1, n_users + 1)}
-    (out / "users.json").write_text(json.dumps(users))
     torch.manual_seed(seed)
     model = SASRec(SASRecConfig(num_items=n_items, max_len=50, hidden=64, layers=2, heads=1, dropout=0.0, pref_dim=384))
     model = model.eval()
-    model.save(out / "retriever")
-    ItemIndex(model.item_vectors()).save(out / "index.faiss")
     encoder_cfg = EncoderConfig()
-    (out / "encoder.json").write_text(json.dumps(asdict(encoder_cfg)))
     texts = {}
     for u, hist in users.items():
         genres = sorted({g for i in hist[-10:] for g in catalog[i].genres})
@@ -59,25 +54,26 @@ def build(out: Path, n_users: int, n_items: int, base_model: str, seed: int = 0)
             "with a taste for character-driven stories, tense atmosphere and memorable endings; light on romance, "
             "open to older classics and to ambitious genre films for adult audiences."
         )
-    vectors = TextEncoder(encoder_cfg).encode(list(texts.values()))
-    with open(out / "preferences.jsonl", "w", encoding="utf-8") as f:
-        for u, text in texts.items():
-            f.write(json.dumps({"user_id": u, "text": text}) + "\n")
-    np.save(out / "preference_vectors.npy", vectors.astype(np.float32))
-    (out / "llm.json").write_text(
-        json.dumps(
-            {
-                "base_model": base_model,
-                "adapters": {"preference": None, "rerank": None},
-                "prompt": {"max_history": 20},
-                "rerank_k": 20,
-                "preference_generation": {"max_tokens": 96, "temperature": 0.0, "repetition_penalty": 1.1},
-            }
-        )
+    vectors = TextEncoder(encoder_cfg).encode(list(texts.values())).astype(np.float32)
+    llm = LLMSpec(
+        base_model=base_model,
+        adapters={"preference": None, "rerank": None},
+        prompt=PromptConfig(max_history=20),
+        rerank_k=20,
+        preference_generation=GenerationConfig(max_tokens=96, temperature=0.0, repetition_penalty=1.1),
     )
-    (out / "metrics.json").write_text(json.dumps({"rows": []}))
-    write_manifest(out, version="bench-tiny-1", dataset="synthetic", config={"seed": seed})
-    return out
+    contents = RunContents(
+        catalog=catalog,
+        retriever=model,
+        encoder=encoder_cfg,
+        index=ItemIndex(model.item_vectors()),
+        texts=texts,
+        vectors=vectors,
+        users=users,
+        llm=llm,
+        metrics={"rows": []},
+    )
+    return write_run(out, contents, version="bench-tiny-1", dataset="synthetic", config={"seed": seed}, headline={})
 
 
 def main() -> None:

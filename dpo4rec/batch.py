@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from rundir.manifest import RunDirError, atomic_write_text, read_manifest, sha256
+from rundir.manifest import RunDirError, atomic_write_text, read_manifest
+from rundir.preferences import TEXTS
 
 if TYPE_CHECKING:
     from service.runtime import ServiceState
@@ -144,9 +145,9 @@ def service_settings(run_dir: Path, **overrides: Any) -> dict[str, Any]:
 
 @asynccontextmanager
 async def worker_state(spec: JobSpec) -> AsyncIterator[ServiceState]:
-    from service.metrics import ServiceMetrics
     from service.runtime import open_service
     from service.settings import Settings
+    from service.telemetry import ServiceMetrics
 
     settings = Settings(**{**spec.settings, "run_dir": spec.run_dir})
     async with open_service(settings, ServiceMetrics()) as state:
@@ -155,12 +156,12 @@ async def worker_state(spec: JobSpec) -> AsyncIterator[ServiceState]:
 
 async def preference_lines(state: ServiceState, payloads: list[str]) -> list[str]:
     """``{"user_id", "history"}`` lines -> ``{"user_id", "text", "vector", "redis"}`` lines."""
+    from rundir.items import prompt_items
     from service.cache import CacheUnavailable, Preference
-    from training.preferences import history_items
 
     rows = [json.loads(p) for p in payloads]
     catalog = state.artifacts.catalog
-    histories = [history_items(catalog, catalog.indices_of(row["history"])) for row in rows]
+    histories = [prompt_items(catalog, catalog.indices_of(row["history"])) for row in rows]
     texts = await asyncio.gather(
         *(state.llm.preference(h, f"batch-pref-{r['user_id']}") for r, h in zip(rows, histories, strict=True))
     )
@@ -371,11 +372,10 @@ def rerank_job(
 
 def _histories(run_dir: Path, histories: Path | None) -> dict[str, list[str]]:
     """User -> item ids (time order): the run's ``users.json``, overridden/extended by a JSONL file."""
-    from retrieval.catalog import Catalog
+    from rundir.reader import read_catalog, read_users
 
-    catalog = Catalog.load(run_dir / "catalog.jsonl")
-    stored = json.loads((run_dir / "users.json").read_text(encoding="utf-8"))
-    out = {str(u): [catalog[int(i)].item_id for i in items] for u, items in stored.items()}
+    catalog = read_catalog(run_dir)
+    out = {u: [catalog[i].item_id for i in items] for u, items in read_users(run_dir).items()}
     if histories is not None:
         with open(histories, encoding="utf-8") as f:
             for n, raw in enumerate(f, start=1):
@@ -416,7 +416,7 @@ def preferences_job(
     selected = list(dict.fromkeys(users)) if users else list(all_histories)
     missing = [u for u in selected if u not in all_histories]
     if missing:
-        raise RunDirError(f"unknown users {missing[:5]}: not in {run_dir / 'users.json'} nor in --histories")
+        raise RunDirError(f"unknown users {missing[:5]}: not in the run's users.json nor in --histories")
     payloads = [json.dumps({"user_id": u, "history": all_histories[u]}) for u in selected]
     spec = JobSpec("preferences", str(run_dir), service_settings(run_dir, **(settings or {})))
     checkpoint = Checkpoint(
@@ -425,7 +425,7 @@ def preferences_job(
     result = _run_chunks(spec, checkpoint, payloads, chunk_size, use_ray, ray_actors)
     _merge_preferences(run_dir, checkpoint.lines())
     checkpoint.discard()
-    return JobResult(total=result.total, resumed_from=result.resumed_from, output=run_dir / "preferences.jsonl")
+    return JobResult(total=result.total, resumed_from=result.resumed_from, output=run_dir / TEXTS)
 
 
 def _merge_preferences(run_dir: Path, lines: Iterable[str]) -> None:
@@ -433,7 +433,7 @@ def _merge_preferences(run_dir: Path, lines: Iterable[str]) -> None:
 
     Idempotent: if a kill lands between the renames, running the job again redoes the same merge.
     """
-    from training.preferences import load_preferences
+    from rundir.preferences import load_preferences, replace_preferences
 
     texts, vectors = load_preferences(run_dir)
     rows = {u: i for i, u in enumerate(texts)}
@@ -453,18 +453,5 @@ def _merge_preferences(run_dir: Path, lines: Iterable[str]) -> None:
         texts[user] = row["text"]
     if new_vectors:
         vectors = np.concatenate([vectors, np.stack(new_vectors)])
-    _write_preferences(run_dir, texts, vectors)
+    replace_preferences(run_dir, texts, vectors)
     log.info("run %s: %d preferences (%d new users)", run_dir, len(texts), len(appended))
-
-
-def _write_preferences(run_dir: Path, texts: dict[str, str], vectors: np.ndarray) -> None:
-    body = "".join(json.dumps({"user_id": u, "text": t}, ensure_ascii=False) + "\n" for u, t in texts.items())
-    atomic_write_text(run_dir / "preferences.jsonl", body)
-    tmp = run_dir / ".preference_vectors.tmp.npy"
-    np.save(tmp, vectors.astype(np.float32))
-    os.replace(tmp, run_dir / "preference_vectors.npy")
-    manifest = read_manifest(run_dir)
-    for name in ("preferences.jsonl", "preference_vectors.npy"):
-        manifest["files"][name] = sha256(run_dir / name)
-    manifest["preferences_refreshed"] = True  # from full histories: not for offline evaluation
-    atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))

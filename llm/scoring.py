@@ -14,7 +14,7 @@ One module both sides call, so the service scores exactly the way training measu
   which also cancels position effects, at ``permutations`` times the prompt cost.
 - **Fusion with the retriever**: ``z(retriever score) + weight * z(LLM log-prob)`` over the K
   candidates (z: mean 0, standard deviation 1 over the list, so the weight does not depend on either
-  score's scale). The weight is chosen on validation users (``training.rerank_job``); 0 means the
+  score's scale). The weight is chosen on validation users (``training.rerank_training``); 0 means the
   LLM does not help and the service skips it; ``None`` (runs saved before fusion) orders by the LLM alone.
 """
 

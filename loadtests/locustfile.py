@@ -71,9 +71,10 @@ class RunData:
     """Known user ids and catalog item ids of a run directory (read once per locust process)."""
 
     def __init__(self, run: Path):
-        self.users = sorted(json.loads((run / "users.json").read_text()))
-        with open(run / "catalog.jsonl", encoding="utf-8") as f:
-            self.items = [json.loads(line)["item_id"] for line in f if line.strip()]
+        from rundir.reader import read_catalog, read_users
+
+        self.users = sorted(read_users(run))
+        self.items = read_catalog(run).item_ids
         if not self.users or len(self.items) < 2:
             raise ValueError(f"{run}: needs users in users.json and at least 2 items in catalog.jsonl")
 

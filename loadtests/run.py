@@ -226,16 +226,20 @@ def drill_report(result: dict[str, Any]) -> dict[str, Any]:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
+    from rundir.manifest import RunDirError
+    from rundir.reader import read_version
     from service.redis_server import EmbeddedRedis
 
     run = args.run.resolve()
-    if not (run / "manifest.json").is_file():
-        raise SystemExit(f"{run} is not a run directory (no manifest.json)")
+    try:
+        version = read_version(run)
+    except RunDirError as e:
+        raise SystemExit(str(e)) from None
     report: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, "-m", "loadtests.run", *sys.argv[1:]]),
         "run": str(args.run),
-        "run_version": json.loads((run / "manifest.json").read_text()).get("version"),
+        "run_version": version,
         "machine": machine() | {"locust": _version("locust")},
         "settings": {
             "duration_s": args.duration,

@@ -4,11 +4,12 @@ that order): written by training and by the batch refresh, read by the service a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-from rundir.manifest import RunDirError
+from rundir.manifest import MANIFEST, RunDirError, atomic_write_text, read_manifest, sha256
 
 TEXTS = "preferences.jsonl"
 VECTORS = "preference_vectors.npy"
@@ -47,3 +48,22 @@ def load_preferences(folder: Path) -> tuple[dict[str, str], np.ndarray]:
             f"{folder}: {VECTORS} has shape {vectors.shape}, expected ({len(texts)}, D) (one row per line of {TEXTS})"
         )
     return texts, vectors
+
+
+def replace_preferences(run_dir: Path, texts: dict[str, str], vectors: np.ndarray) -> None:
+    """Rewrite a written run's preferences in place (the batch refresh): each file replaced by rename, then
+    the manifest re-checksummed and marked ``preferences_refreshed`` (texts from full histories are not
+    for offline evaluation). Idempotent: after a kill between the renames, the same call redoes it."""
+    run_dir = Path(run_dir)
+    if vectors.shape[0] != len(texts):
+        raise ValueError(f"{len(texts)} texts but {vectors.shape[0]} vectors")
+    body = "".join(json.dumps({"user_id": u, "text": t}, ensure_ascii=False) + "\n" for u, t in texts.items())
+    atomic_write_text(run_dir / TEXTS, body)
+    tmp = run_dir / f".{VECTORS}.tmp.npy"
+    np.save(tmp, vectors.astype(np.float32))
+    os.replace(tmp, run_dir / VECTORS)
+    manifest = read_manifest(run_dir)
+    for name in (TEXTS, VECTORS):
+        manifest["files"][name] = sha256(run_dir / name)
+    manifest["preferences_refreshed"] = True
+    atomic_write_text(run_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))

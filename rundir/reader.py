@@ -8,6 +8,7 @@ one message saying what is wrong, never discovered by a request.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from retrieval.catalog import Catalog
 from retrieval.encoder import EncoderConfig
 from retrieval.index import ItemIndex
 from retrieval.sasrec import SASRec
-from rundir.manifest import RunDirError, verify
+from rundir.manifest import RunDirError, read_manifest, verify
 from rundir.preferences import load_preferences
 from rundir.spec import LLMSpec, load_llm_spec, read_json
 
@@ -121,3 +122,23 @@ def read_users(root: Path) -> dict[str, list[int]]:
 
 def read_catalog(root: Path) -> Catalog:
     return Catalog.load(Path(root) / "catalog.jsonl")
+
+
+def read_retriever(root: Path) -> SASRec:
+    return SASRec.load(Path(root) / "retriever")
+
+
+def read_encoder_config(root: Path) -> EncoderConfig:
+    return EncoderConfig(**read_json(Path(root), "encoder.json"))
+
+
+def read_version(root: Path) -> str:
+    """The run's model version (``manifest.json``); a ``RunDirError`` when ``root`` is not a run."""
+    return str(read_manifest(Path(root)).get("version") or "")
+
+
+def read_dpo_pairs(root: Path, round_: int) -> list[dict[str, Any]]:
+    """The DPO pairs of preference round ``round_`` (``dpo/preference_round{r}_pairs.jsonl``)."""
+    path = Path(root) / "dpo" / f"preference_round{round_}_pairs.jsonl"
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

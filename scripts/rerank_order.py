@@ -25,16 +25,16 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from llm.models import resolve_model  # noqa: E402
 from llm.prompts import render  # noqa: E402
-from retrieval.encoder import EncoderConfig, TextEncoder  # noqa: E402
-from retrieval.sasrec import SASRec  # noqa: E402
+from retrieval.encoder import TextEncoder  # noqa: E402
+from rundir.preferences import load_preferences  # noqa: E402
+from rundir.reader import load_llm_spec, read_encoder_config, read_retriever  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import load_dataset  # noqa: E402
-from training.loop import LoopInputs, LoopOutputs, engine_cfg, engine_jobs  # noqa: E402
-from training.pipeline import run_isolated  # noqa: E402
-from training.preferences import load_preferences  # noqa: E402
+from training.engines import engine_cfg, engine_jobs, run_isolated  # noqa: E402
 from training.rerank import dpo_rows, order_stats  # noqa: E402
-from training.rerank_job import rerank_lists  # noqa: E402
+from training.rerank_training import rerank_lists  # noqa: E402
 from training.split import leave_one_out  # noqa: E402
+from training.stages import BASE_ROW, Served, StageInputs  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 
@@ -53,11 +53,11 @@ def main(
     texts, vectors = load_preferences(run)  # the served texts, rows in the run's user order
     if list(texts) != users:
         raise typer.BadParameter(f"{run} was not trained on the users of --config {config}")
-    retriever = SASRec.load(run / "retriever")
+    retriever = read_retriever(run)
     model_dir = resolve_model(cfg.llm.model, Path(cfg.llm.model_cache).expanduser())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     unused = dict.fromkeys(("ranks",))  # the re-rank lists do not read it
-    inp = LoopInputs(
+    inp = StageInputs(
         cfg=cfg,
         catalog=dataset.catalog,
         split=split,
@@ -66,10 +66,10 @@ def main(
         texts=texts,
         vectors=vectors,
         retriever=retriever,
-        encoder=TextEncoder(EncoderConfig(**json.loads((run / "encoder.json").read_text()))),
+        encoder=TextEncoder(read_encoder_config(run)),
         **unused,
     )
-    out = LoopOutputs(texts=texts, vectors=vectors, retriever=retriever)
+    out = Served(BASE_ROW, texts, vectors, retriever, np.zeros(len(users), dtype=np.int64))
 
     lists = rerank_lists(inp, tokenizer, out)
     k = cfg.rerank.k
@@ -83,11 +83,11 @@ def main(
     scored = [e for e in lists.test if e.target_position is not None]
     prompts = [render(tokenizer, e.messages) for e in scored]
     ids = [[token for _, token in e.labels] for e in scored]
-    llm = json.loads((run / "llm.json").read_text())
+    rerank_adapter = load_llm_spec(run, []).adapters.get("rerank")
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [{"kind": "score", "prompts": prompts, "label_ids": ids, "model": str(model_dir), "lora": None}]
-        if llm["adapters"].get("rerank"):
-            merged = merge_adapter(model_dir, run / llm["adapters"]["rerank"], Path(tmp) / "merged", dtype="float32")
+        if rerank_adapter is not None:
+            merged = merge_adapter(model_dir, rerank_adapter, Path(tmp) / "merged", dtype="float32")
             jobs.append({"kind": "score", "prompts": prompts, "label_ids": ids, "model": str(merged), "lora": None})
         scores = run_isolated(engine_jobs, engine_cfg(cfg), jobs)
     targets = [e.target_position for e in scored]

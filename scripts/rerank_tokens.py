@@ -31,16 +31,16 @@ from llm.models import resolve_model  # noqa: E402
 from llm.prompts import render  # noqa: E402
 from llm.scoring import ScoringSpec, estimate_prior, fused_scores, item_logprobs, order, shifts  # noqa: E402
 from llm.weights import merge_adapter  # noqa: E402
-from retrieval.encoder import EncoderConfig, TextEncoder  # noqa: E402
-from retrieval.sasrec import SASRec  # noqa: E402
-from training import metrics as M  # noqa: E402
+from retrieval.encoder import TextEncoder  # noqa: E402
+from rundir.preferences import load_preferences  # noqa: E402
+from rundir.reader import load_llm_spec, read_encoder_config, read_retriever  # noqa: E402
+from training import ranking_metrics as M  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import load_dataset  # noqa: E402
-from training.loop import LoopInputs, LoopOutputs, engine_cfg, engine_jobs  # noqa: E402
-from training.pipeline import prompt_config, run_isolated  # noqa: E402
-from training.preferences import load_preferences  # noqa: E402
-from training.rerank_job import rerank_lists  # noqa: E402
+from training.engines import engine_cfg, engine_jobs, run_isolated  # noqa: E402
+from training.rerank_training import rerank_lists  # noqa: E402
 from training.split import leave_one_out  # noqa: E402
+from training.stages import BASE_ROW, Served, StageInputs, prompt_config  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 
@@ -85,13 +85,13 @@ def main(
     texts, vectors = load_preferences(run)
     if list(texts) != users:
         raise typer.BadParameter(f"{run} was not trained on the users of --config {config}")
-    llm = json.loads((run / "llm.json").read_text())
-    if not llm["adapters"].get("rerank"):
+    rerank_adapter = load_llm_spec(run, []).adapters.get("rerank")
+    if rerank_adapter is None:
         raise typer.BadParameter(f"{run} has no re-rank adapter")
-    retriever = SASRec.load(run / "retriever")
+    retriever = read_retriever(run)
     model_dir = resolve_model(cfg.llm.model, Path(cfg.llm.model_cache).expanduser())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encoder = TextEncoder(EncoderConfig(**json.loads((run / "encoder.json").read_text())))
+    encoder = TextEncoder(read_encoder_config(run))
 
     base = (rc.k, rc.recent_items, rc.preference_chars)
     settings = [base]
@@ -103,7 +103,7 @@ def main(
     def lists_for(k: int, recent: int, chars: int):  # type: ignore[no-untyped-def]
         """The job's lists, and the prompt settings, at one setting."""
         c = dataclasses.replace(cfg, rerank=dataclasses.replace(rc, k=k, recent_items=recent, preference_chars=chars))
-        inp = LoopInputs(
+        inp = StageInputs(
             cfg=c,
             catalog=dataset.catalog,
             split=split,
@@ -115,7 +115,9 @@ def main(
             encoder=encoder,
             ranks=None,  # type: ignore[arg-type]  (the lists do not read it)
         )
-        lists = rerank_lists(inp, tokenizer, LoopOutputs(texts=texts, vectors=vectors, retriever=retriever))
+        lists = rerank_lists(
+            inp, tokenizer, Served(BASE_ROW, texts, vectors, retriever, np.zeros(len(users), dtype=np.int64))
+        )
         return lists, prompt_config(c)
 
     # the retriever's validation rank of every user (the K-independent baseline), to `depth`
@@ -140,7 +142,7 @@ def main(
         plans.append((k, recent, chars, lists.valid, valid, n_cal, len(cal_shifts), tokens))
 
     with tempfile.TemporaryDirectory() as tmp:
-        merged = merge_adapter(model_dir, run / llm["adapters"]["rerank"], Path(tmp) / "merged", dtype="float32")
+        merged = merge_adapter(model_dir, rerank_adapter, Path(tmp) / "merged", dtype="float32")
         started = time.perf_counter()
         scores = run_isolated(engine_jobs, engine_cfg(cfg), [{**j, "model": str(merged), "lora": None} for j in jobs])
         seconds = time.perf_counter() - started

@@ -16,7 +16,6 @@ from llm.engine import apply_env_defaults
 
 apply_env_defaults()  # as `dpo4rec` sets them, before vLLM or the HF hub load
 
-import json  # noqa: E402
 import math  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -25,12 +24,13 @@ import numpy as np  # noqa: E402
 import typer  # noqa: E402
 
 from retrieval.encoder import EncoderConfig, TextEncoder  # noqa: E402
+from rundir.preferences import load_preferences  # noqa: E402
+from rundir.reader import read_dpo_pairs  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import load_dataset  # noqa: E402
-from training.pipeline import _train_sasrec  # noqa: E402
-from training.preferences import load_preferences  # noqa: E402
 from training.reward import reward_inputs, rewards  # noqa: E402
 from training.split import leave_one_out  # noqa: E402
+from training.stages import train_sasrec  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 
@@ -53,7 +53,7 @@ def main(
     round_: int = typer.Option(1, "--round", help="whose pairs"),
 ) -> None:
     cfg = load_config(config)
-    pairs = [json.loads(line) for line in (run / "dpo" / f"preference_round{round_}_pairs.jsonl").open()]
+    pairs = read_dpo_pairs(run, round_)
     dataset = load_dataset(cfg.data.name, Path(cfg.data.data_dir))
     split = leave_one_out(dataset.interactions, cfg.data.min_interactions)
     users = split.ids()[: cfg.max_users] if cfg.max_users else split.ids()
@@ -66,7 +66,7 @@ def main(
     print(f"{len(pairs)} pairs of {run}; original reward model: chosen > rejected in all of them by construction")
     for seed in seeds:
         seeded = replace(cfg, retriever=replace(cfg.retriever, seed=seed))
-        model, curve = _train_sasrec(seeded, dataset.catalog, split, users, prefs, vectors.shape[1])
+        model, curve = train_sasrec(seeded, dataset.catalog, split, users, prefs, vectors.shape[1])
         r = rewards(model, both, seqs, valid, k=cfg.preference_dpo.reward_k)  # (pairs, 2)
         same = int((r[:, 0] > r[:, 1]).sum())
         ties = int((r[:, 0] == r[:, 1]).sum())

@@ -12,7 +12,9 @@ at start (``LanguageModel.measure_rate``), then updated from completed work (an 
 average over samples of at least ``min_sample_s`` of busy time). Work that misses its deadline never
 completes, so it cannot correct an optimistic rate; each miss therefore cuts the rate by ``backoff``
 (completed work raises it again): without that, an engine slowed by other load (the service's own
-retrieval under a burst, a neighbour process) would keep admitting work that times out. Background
+retrieval under a burst, a neighbour process) would keep admitting work that times out. The cuts stop at
+``floor`` x the rate measured at start: a rate cut so far that nothing is admitted would never see a
+completion to raise it again. Background
 preference generations count too (their prompt plus their generation budget, in the same token
 units), since they take the same cores.
 """
@@ -26,7 +28,13 @@ from contextlib import contextmanager
 
 class Admission:
     def __init__(
-        self, rate: float, alpha: float = 0.3, min_sample_s: float = 0.25, headroom: float = 1.0, backoff: float = 0.8
+        self,
+        rate: float,
+        alpha: float = 0.3,
+        min_sample_s: float = 0.25,
+        headroom: float = 1.0,
+        backoff: float = 0.8,
+        floor: float = 0.5,
     ):
         if rate <= 0:
             raise ValueError(f"the initial rate must be > 0 tokens/s, got {rate}")
@@ -34,7 +42,9 @@ class Admission:
         self.alpha = alpha
         self.min_sample_s = min_sample_s
         self.headroom = headroom  # predicted time x headroom must fit the deadline (>1: more cautious)
-        self.backoff = backoff  # the rate is multiplied by this on each deadline miss
+        self.backoff = backoff  # the rate is multiplied by this on each deadline miss ...
+        self.floor = floor  # ... down to floor x the measured (seed) rate at most
+        self.seeded = self.rate
         self.pending = 0  # tokens of admitted work not finished
         self._sample_start: float | None = None
         self._sample_tokens = 0
@@ -46,9 +56,13 @@ class Admission:
     def admits(self, tokens: int, remaining_s: float) -> bool:
         return self.predicted_s(tokens) * self.headroom <= remaining_s
 
+    def seed(self, rate: float) -> None:
+        """The rate measured on the idle engine at start: the estimate, and the reference of ``floor``."""
+        self.rate = self.seeded = float(rate)
+
     def missed(self) -> None:
-        """Admitted work missed its deadline: the rate was optimistic."""
-        self.rate *= self.backoff
+        """Admitted work missed its deadline: the rate was optimistic (never cut below ``floor`` x seed)."""
+        self.rate = max(self.rate * self.backoff, self.floor * self.seeded)
 
     @contextmanager
     def running(self, tokens: int) -> Iterator[None]:

@@ -16,7 +16,7 @@ from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import AuthenticationError, error_response
-from service.metrics import ServiceMetrics
+from service.telemetry import ServiceMetrics
 
 bearer_scheme = HTTPBearer(auto_error=False, description="an API key from DPO4REC_API_KEYS")
 

@@ -12,10 +12,10 @@ from fastapi import Depends, Request
 
 from service.errors import UnavailableError
 from service.limits import InFlightLimiter
-from service.metrics import ServiceMetrics
-from service.pipeline import RerankPipeline
+from service.rerank_pipeline import RerankPipeline
 from service.runtime import ServiceState
 from service.settings import Settings
+from service.telemetry import ServiceMetrics
 
 
 def get_settings(request: Request) -> Settings:

@@ -27,7 +27,7 @@ from llm.labels import Label, candidate_labels
 from llm.prompts import HistoryItem, PromptConfig, preference_messages, render, rerank_messages
 from llm.scoring import ScoringSpec, item_logprobs, rotate, shifts
 from service.admission import Admission
-from service.metrics import ServiceMetrics
+from service.telemetry import ServiceMetrics
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -72,6 +72,7 @@ class LanguageModel:
         admission: Admission | None = None,
     ):
         self.engines = engines  # job -> engine; jobs may share one
+        self._aborts: set[asyncio.Future[None]] = set()  # engine aborts under way (kept referenced)
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.metrics = metrics
@@ -109,8 +110,11 @@ class LanguageModel:
             with self.admission.running(tokens):
                 return await coro
         except asyncio.CancelledError:
-            # the deadline passed: make sure the engine stops working on it (agenerate also aborts)
-            await asyncio.shield(self._abort(self.engines[job], request_id))
+            # the deadline passed: make sure the engine stops working on it (agenerate also aborts), without
+            # holding up the answer the caller gives instead
+            task = asyncio.ensure_future(self._abort(self.engines[job], request_id))
+            self._aborts.add(task)
+            task.add_done_callback(self._aborts.discard)
             raise
         except Exception as e:  # vLLM's errors (VLLMError, EngineDeadError, ...) share no narrower base
             raise LLMError(f"{job}: {type(e).__name__}: {e}") from e
@@ -132,7 +136,7 @@ class LanguageModel:
             start = asyncio.get_running_loop().time()
             await ascore_labels(engine, prompt, [i for _, i in self.labels[:2]], f"rate-probe-{run}")
             rates.append(n / max(asyncio.get_running_loop().time() - start, 1e-6))
-        self.admission.rate = rates[-1]  # the first may still pay one-off costs
+        self.admission.seed(rates[-1])  # the first may still pay one-off costs
         return self.admission.rate
 
     @staticmethod

@@ -15,7 +15,7 @@ from collections.abc import Collection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import BodyTooLargeError, OverloadedError, ServiceError, UnavailableError, error_response
-from service.metrics import ServiceMetrics
+from service.telemetry import ServiceMetrics
 
 log = logging.getLogger(__name__)
 

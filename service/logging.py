@@ -21,7 +21,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import ServiceMetrics
+from service.telemetry import ServiceMetrics
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = contextvars.ContextVar[str | None]("request_id", default=None)

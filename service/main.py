@@ -20,10 +20,10 @@ from service.auth import ApiKeyMiddleware, bearer_scheme
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimitMiddleware, InFlightLimiter, InFlightLimitMiddleware
 from service.logging import RequestContextMiddleware
-from service.metrics import ServiceMetrics
 from service.routes import health, metrics, rerank
 from service.runtime import open_service
 from service.settings import Settings
+from service.telemetry import ServiceMetrics
 
 log = logging.getLogger(__name__)
 WORK_PATHS = ("/rerank", "/v1/rerank")

@@ -40,7 +40,7 @@ from llm.prompts import HistoryItem
 from retrieval.encoder import TextEncoder
 from service.cache import CacheUnavailable, Preference, PreferenceCache
 from service.language_model import LanguageModel
-from service.metrics import ServiceMetrics
+from service.telemetry import ServiceMetrics
 
 log = logging.getLogger(__name__)
 

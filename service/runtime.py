@@ -36,11 +36,11 @@ from rundir.manifest import RunDirError
 from rundir.reader import Artifacts, LLMSpec, load_artifacts
 from service.cache import CacheUnavailable, Preference, PreferenceCache
 from service.language_model import LanguageModel, LLMJobConfig
-from service.metrics import ServiceMetrics
-from service.pipeline import RerankPipeline
 from service.preferences import PreferenceService
 from service.redis_server import EmbeddedRedis
+from service.rerank_pipeline import RerankPipeline
 from service.settings import Settings
+from service.telemetry import ServiceMetrics
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM

@@ -57,7 +57,10 @@ class Settings(BaseSettings):
         True, description="skip the LLM at once (llm_shed) when its predicted completion misses the deadline"
     )
     admission_headroom: float = Field(
-        1.0, ge=0.1, description="predicted LLM time x this must fit the remaining deadline to be admitted"
+        1.2, ge=0.1, description="predicted LLM time x this must fit the remaining deadline to be admitted"
+    )
+    fallback_reserve_ms: int = Field(
+        100, ge=0, description="kept from the deadline for the answer without the LLM when its stage gives up"
     )
     new_item_score: Literal["min", "mean", "max"] = Field(
         "mean", description="retriever score of a given new item (text only), from the known candidates' scores"

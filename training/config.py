@@ -155,7 +155,7 @@ class NegativeMix:
 
 @dataclass
 class RerankSection:
-    """The re-rank job (SPEC section 1, training/rerank_job.py): zero-shot, SFT on the true label, DPO,
+    """The re-rank job (SPEC section 1, training/rerank_training.py): zero-shot, SFT on the true label, DPO,
     the label prior removed, fused with the retriever at a weight chosen on validation users."""
 
     enabled: bool = False  # off: no re-rank rows, no rerank adapter

@@ -39,7 +39,7 @@ from llm.prompts import HistoryItem, PromptConfig, natural_title, rerank_message
 from llm.scoring import order, rotate
 from retrieval.catalog import Catalog
 from retrieval.sasrec import SASRec
-from training.preferences import history_items
+from rundir.items import prompt_items
 from training.retriever import score_users
 
 Message = dict[str, str]
@@ -211,8 +211,8 @@ def _example(
     retriever_scores: list[float] | None = None,
 ) -> RerankExample:
     """The list ``shown`` as a prompt: the preference, the newest ``max_recent`` of ``history``, the labels."""
-    items = [candidate_item(catalog, i) for i in shown]
-    recent = history_items(catalog, history)[-prompt_cfg.max_recent :] if prompt_cfg.max_recent else []
+    items = prompt_items(catalog, shown)
+    recent = prompt_items(catalog, history)[-prompt_cfg.max_recent :] if prompt_cfg.max_recent else []
     return RerankExample(
         user_id=user,
         candidates=shown,
@@ -254,11 +254,6 @@ def evaluation_examples(
             _example(catalog, user, histories[user], shown, int(targets[user]), preference, labels, prompt_cfg, scores)
         )
     return examples
-
-
-def candidate_item(catalog: Catalog, index: int) -> HistoryItem:
-    item = catalog[index]
-    return HistoryItem(title=item.title, genres=item.genres, year=item.year)
 
 
 def sft_rows(examples: Sequence[RerankExample]) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from retrieval.sasrec import SASRec, SASRecConfig, pad_sequences
-from training import metrics as M
+from training import ranking_metrics as M
 
 logger = logging.getLogger(__name__)
 

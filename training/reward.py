@@ -3,7 +3,7 @@
 The reward of one preference text for one user is the ranking quality that the knowledge-augmented
 SASRec reaches for that user's held-out **validation** item when it is given the text's encoder vector:
 NDCG@k under full ranking, with the user's training sequence as input and the training items excluded
-from the ranking (as ``training.metrics`` does for validation). The test item is never an input here:
+from the ranking (as ``training.ranking_metrics`` does for validation). The test item is never an input here:
 :func:`reward_inputs` reads only ``train`` and ``valid`` from the split.
 
 Everything is vectorised: the U users x N sampled texts become U*N rows (user-major: row ``u*N + j`` is
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from retrieval.sasrec import SASRec, pad_sequences
-from training import metrics as M
+from training import ranking_metrics as M
 from training.split import Split
 
 

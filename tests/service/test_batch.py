@@ -137,8 +137,8 @@ def test_preferences_job_interrupted_then_resumed(
 ) -> None:
     import redis
 
+    from rundir.preferences import load_preferences
     from service.redis_server import EmbeddedRedis
-    from training.preferences import load_preferences
 
     run = build_run_dir(tmp_path / "run", tiny_llm_dir)
     before, _ = load_preferences(run)

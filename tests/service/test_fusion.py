@@ -8,8 +8,8 @@ import dataclasses
 import numpy as np
 
 from llm.scoring import ScoringSpec
-from service.pipeline import RerankPipeline
 from service.protocol import RerankRequest
+from service.rerank_pipeline import RerankPipeline
 from tests.service.support import metric, run_async
 
 

@@ -9,9 +9,10 @@ import pytest
 from tiny import write_tiny_dataset  # same directory
 
 from rundir.manifest import RunDirError, verify, write_manifest
+from rundir.preferences import save_preferences
+from training.base_preferences import reuse_preferences
 from training.config import from_dict
-from training.pipeline import reuse_preferences, run_pipeline
-from training.preferences import save_preferences
+from training.pipeline import run_pipeline
 
 
 @pytest.mark.engine

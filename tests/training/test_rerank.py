@@ -378,11 +378,11 @@ def test_vllm_serves_the_trained_adapter_with_the_same_scores(
 
 
 def _job_inputs(tests: dict[str, int]) -> tuple[Any, Any]:
-    """LoopInputs/LoopOutputs over 8 users of a 30-item catalog, a seeded untrained preference-fused SASRec."""
+    """StageInputs/Served over 8 users of a 30-item catalog, a seeded untrained preference-fused SASRec."""
     from retrieval.sasrec import SASRec, SASRecConfig
     from training.config import from_dict
-    from training.loop import LoopInputs, LoopOutputs
     from training.split import Split, UserSplit
+    from training.stages import Served, StageInputs
 
     torch.manual_seed(0)
     retriever = SASRec(
@@ -417,7 +417,7 @@ def _job_inputs(tests: dict[str, int]) -> tuple[Any, Any]:
     vectors = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
     texts = {u: "Likes comedies." for u in users}
     unused = dict.fromkeys(("model_dir", "encoder", "ranks"))
-    inp = LoopInputs(
+    inp = StageInputs(
         cfg=cfg,
         catalog=catalog(30),
         split=split,
@@ -427,11 +427,11 @@ def _job_inputs(tests: dict[str, int]) -> tuple[Any, Any]:
         retriever=retriever,
         **unused,
     )
-    return inp, LoopOutputs(texts=texts, vectors=vectors, retriever=retriever)
+    return inp, Served("SASRec + base-LLM preferences", texts, vectors, retriever, np.zeros(8, dtype=np.int64))
 
 
 def test_job_lists_hold_no_held_out_item_and_validation_lists_ignore_the_test_items(smollm2_tokenizer: Any) -> None:
-    from training.rerank_job import rerank_lists
+    from training.rerank_training import rerank_lists
 
     first = {f"u{i}": (3 * i + 9) % 30 + 1 for i in range(8)}
     second = {f"u{i}": (3 * i + 20) % 30 + 1 for i in range(8)}  # other test items, everything else equal
@@ -452,7 +452,7 @@ def test_job_lists_hold_no_held_out_item_and_validation_lists_ignore_the_test_it
 
 
 def test_fusion_weight_is_chosen_on_validation_lists_and_ties_go_to_zero(examples: list[RerankExample]) -> None:
-    from training.rerank_job import choose_weight
+    from training.rerank_training import choose_weight
 
     hit = examples[0]  # target at C (position 2), retriever scores falling with position
     finds = np.array([-3.0, -3.0, -0.1, -3.0, -3.0, -3.0])  # an LLM that puts the target first

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from retrieval.sasrec import SASRecConfig
-from training import metrics as M
+from training import ranking_metrics as M
 from training.retriever import RetrieverTrainConfig, make_windows, rank_targets, score_users, train_retriever
 
 

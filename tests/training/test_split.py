@@ -51,7 +51,7 @@ def test_no_user_left():
 
 
 def test_preference_prompts_never_see_valid_or_test(ml100k):
-    from training.pipeline import prompt_histories
+    from training.stages import prompt_histories
 
     split = leave_one_out(ml100k.interactions)
     histories = prompt_histories(split, split.ids())

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from training import metrics as M
+from training import ranking_metrics as M
 
 
 def test_ranks_exclude_seen_and_padding():

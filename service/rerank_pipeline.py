@@ -31,14 +31,15 @@ import numpy as np
 
 from llm.prompts import HistoryItem
 from llm.scoring import ScoringSpec, fused_scores
+from rundir.items import prompt_item, prompt_items
 from rundir.reader import Artifacts
 from service.errors import DuplicateItemsError, TooManyItemsError, UnknownItemsError, UnknownUserError
 from service.language_model import LanguageModel, LLMError, label_probabilities
-from service.metrics import ServiceMetrics
 from service.preferences import PreferenceService
 from service.protocol import CandidateItem, ItemInfo, RerankRequest, RerankResponse, RerankResult
 from service.ranking import final_order
 from service.settings import Settings
+from service.telemetry import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +139,12 @@ class RerankPipeline:
 
     def _candidate(self, index: int) -> Candidate:
         item = self.artifacts.catalog[index]
-        return Candidate(item.item_id, index, HistoryItem(title=item.title, genres=item.genres, year=item.year))
+        return Candidate(item.item_id, index, prompt_item(item))
 
     # ---- stages -------------------------------------------------------------------------------------
 
     def _items(self, indices: list[int]) -> list[HistoryItem]:
-        catalog = self.artifacts.catalog
-        return [HistoryItem(title=catalog[i].title, genres=catalog[i].genres, year=catalog[i].year) for i in indices]
+        return prompt_items(self.artifacts.catalog, indices)
 
     def _query(self, history: list[int], vector: np.ndarray | None) -> np.ndarray:
         """The retriever's user vector (1, H): last ``max_len`` items + the preference vector (zeros without)."""
@@ -201,7 +201,7 @@ class RerankPipeline:
             degraded.add("llm_unavailable")
             return None
         self.metrics.rerank_prompt_tokens.observe(prepared.total_tokens)
-        budget = clock.remaining()
+        budget = clock.remaining() - self.settings.fallback_reserve_ms / 1000  # time left to answer without it
         if budget <= 0:
             degraded.add("llm_timeout")
             return None

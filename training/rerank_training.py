@@ -1,4 +1,4 @@
-"""The re-rank job of the DPO loop (SPEC section 1; LlamaRec's verbalizer, Yue et al., arXiv 2311.02089).
+"""The re-rank stage (SPEC section 1; LlamaRec's verbalizer, Yue et al., arXiv 2311.02089).
 
 1. Lists (``training.rerank``): shuffled training lists from every user's newest training positions
    (a seeded sample of ``rerank.train_lists`` trains, calibration lists come from the rest); evaluation
@@ -30,23 +30,10 @@ import numpy as np
 from llm.labels import candidate_labels
 from llm.prompts import history_text, render
 from llm.scoring import ScoringSpec, estimate_prior, fused_scores, item_logprobs, order, shifts
-from training import metrics as M
+from rundir.items import prompt_items
+from training import ranking_metrics as M
 from training.dpo import train_dpo, train_sft
-from training.loop import (
-    BASE_ROW,
-    LoopInputs,
-    LoopOutputs,
-    compare,
-    curve_json,
-    engine_cfg,
-    engine_jobs,
-    policy,
-    read_tree,
-    sample_users,
-    train_summary,
-)
-from training.pipeline import StageTimer, popularity_scores, prompt_config, ranks_on_test, run_isolated
-from training.preferences import history_items
+from training.engines import engine_cfg, engine_jobs, policy, run_isolated
 from training.rerank import (
     RerankExample,
     dpo_rows,
@@ -59,6 +46,18 @@ from training.rerank import (
     training_lists,
 )
 from training.retriever import score_users
+from training.stages import (
+    Served,
+    StageInputs,
+    StageTimer,
+    compare,
+    curve_json,
+    popularity_scores,
+    prompt_config,
+    ranks_on_test,
+    sample_users,
+    train_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,19 +96,23 @@ class RerankLists:
     cold_ranks: np.ndarray | None  # (U,) the served retriever's test ranks on the cut histories
 
 
-def _user_vectors(out: LoopOutputs, users: Sequence[str]) -> dict[str, np.ndarray]:
-    assert out.vectors is not None
-    return {u: out.vectors[i] for i, u in enumerate(users)}
+@dataclass
+class RerankResult:
+    """What the re-rank stage made: its rows (full set and cold slice), the adapter, the served scoring."""
+
+    ranks: dict[str, np.ndarray]
+    adapter: Path  # the SFT+DPO re-rank adapter
+    scoring: ScoringSpec  # the label prior, fusion weight and orders the service scores with (llm.json)
+    doc: dict[str, Any]  # metrics.json additions ("rerank", "dpo_curves")
 
 
-def rerank_lists(inp: LoopInputs, tokenizer: Any, out: LoopOutputs) -> RerankLists:
+def rerank_lists(inp: StageInputs, tokenizer: Any, out: Served) -> RerankLists:
     """Every list the job trains, calibrates, chooses and measures on (see the module text)."""
     cfg, split, rc, catalog = inp.cfg, inp.split, inp.cfg.rerank, inp.catalog
     labels = candidate_labels(tokenizer, rc.k)
     prompt_cfg = prompt_config(cfg)
     retriever = out.retriever
-    assert retriever is not None
-    prefs = _user_vectors(out, inp.users)
+    prefs = {u: out.vectors[i] for i, u in enumerate(inp.users)}
     train = {u: split.users[u].train for u in inp.users}
     banned = {u: [split.users[u].valid, split.users[u].test] for u in inp.users}
 
@@ -171,7 +174,7 @@ def rerank_lists(inp: LoopInputs, tokenizer: Any, out: LoopOutputs) -> RerankLis
     cold_ranks = None
     if rc.cold_items:  # the same users, newest cold_items items; a history-text stand-in for the preference
         cut = {u: served_seqs[u][-rc.cold_items :] for u in inp.users}
-        stand_in = {u: history_text(history_items(catalog, cut[u]), prompt_cfg) for u in inp.users}
+        stand_in = {u: history_text(prompt_items(catalog, cut[u]), prompt_cfg) for u in inp.users}
         vectors = inp.encoder.encode([stand_in[u] for u in inp.users])
         cold_prefs = {u: vectors[i] for i, u in enumerate(inp.users)}
         cold = evaluation(cut, tests, cold_prefs, stand_in, seen=served_seqs)  # seen items stay excluded
@@ -230,12 +233,12 @@ def choose_weight(
     return float(chosen), [round(v, 6) for v in curve]
 
 
-def rerank_job(inp: LoopInputs, tokenizer: Any, work: Path, timer: StageTimer, out: LoopOutputs) -> None:
+def train_reranker(inp: StageInputs, served: Served, tokenizer: Any, work: Path, timer: StageTimer) -> RerankResult:
     """Lists, SFT, DPO, scoring with the prior removed, the fusion weight; rows vs the served retriever."""
     cfg, rc = inp.cfg, inp.cfg.rerank
     prompt_cfg = prompt_config(cfg)
     with timer("rerank_lists"):
-        lists = rerank_lists(inp, tokenizer, out)
+        lists = rerank_lists(inp, tokenizer, served)
     test, valid, cold = _hits(lists.test), _hits(lists.valid), _hits(lists.cold)
     counts = negative_counts(rc.k, rc.negatives.hard, rc.negatives.popular, rc.negatives.uniform)
     info: dict[str, Any] = {
@@ -268,7 +271,7 @@ def rerank_job(inp: LoopInputs, tokenizer: Any, work: Path, timer: StageTimer, o
         dpo = train_dpo(inp.model_dir, pairs, rc.dpo, work / "rerank_dpo", init_adapter=sft.adapter_dir)
     info["sft"], info["dpo"] = train_summary(sft), train_summary(dpo)
     info["dpo"]["pairs"] = len(pairs)
-    out.doc.setdefault("dpo_curves", {}).update({"rerank SFT": curve_json(sft), "rerank SFT+DPO": curve_json(dpo)})
+    curves = {"rerank SFT": curve_json(sft), "rerank SFT+DPO": curve_json(dpo)}
 
     orders = shifts(rc.k, rc.permutations)
     calibration_shifts = shifts(rc.k, rc.calibration_shifts or rc.k)
@@ -284,13 +287,12 @@ def rerank_job(inp: LoopInputs, tokenizer: Any, work: Path, timer: StageTimer, o
             batches.append(p)
         adapters = (None, sft.adapter_dir, dpo.adapter_dir)
         jobs = [
-            {"kind": "score", "prompts": b.prompts, "label_ids": b.label_ids, **policy(inp, a, work)}
+            {"kind": "score", "prompts": b.prompts, "label_ids": b.label_ids, **policy(cfg, inp.model_dir, a, work)}
             for b, a in zip(batches, adapters, strict=True)
         ]
         raw = run_isolated(engine_jobs, engine_cfg(cfg), jobs)
 
-    served = inp.ranks if out.served_row == BASE_ROW else out.ranks[out.served_row]
-    groups = [("test", test, lists.test, served, "")]
+    groups = [("test", test, lists.test, served.ranks, "")]
     if lists.cold_ranks is not None:
         groups.append(("cold", cold, lists.cold, lists.cold_ranks, COLD))
     variants = {  # row -> (engine batch, de-biased?)
@@ -332,14 +334,12 @@ def rerank_job(inp: LoopInputs, tokenizer: Any, work: Path, timer: StageTimer, o
             for e, s in zip(scored, llm_scores[SFT_DPO, group], strict=True)
         ]
         rows[suffix][FUSED + suffix] = _rerank_ranks(base, every, scored, fused)
-    out.ranks.update(rows[""])
+    ranks = dict(rows[""])
     if lists.cold_ranks is not None:
-        out.ranks[COLD_RETRIEVER] = lists.cold_ranks
-        out.ranks.update(rows[COLD])
-    out.scoring = ScoringSpec(weight=weight, log_prior=specs[SFT_DPO].log_prior, permutations=rc.permutations)
-    out.doc["rerank"] = info
-    out.files.update(read_tree(dpo.adapter_dir, "adapters/rerank"))
-    out.adapters["rerank"] = "adapters/rerank"
+        ranks[COLD_RETRIEVER] = lists.cold_ranks
+        ranks.update(rows[COLD])
+    scoring = ScoringSpec(weight=weight, log_prior=specs[SFT_DPO].log_prior, permutations=rc.permutations)
+    return RerankResult(ranks, dpo.adapter_dir, scoring, {"rerank": info, "dpo_curves": curves})
 
 
 def _rerank_ranks(

@@ -1,4 +1,4 @@
-"""training.loop end to end on tiny data: the tiny random LLM through the real vLLM engine (with LoRA),
+"""The DPO loop and the re-rank stage end to end on tiny data: the tiny random LLM through the real vLLM engine
 one DPO round with 2 samples per user and a few DPO steps, then the re-rank job (zero-shot, SFT, SFT+DPO).
 Asserts the run directory carries the new rows, comparisons, adapters and plots; nothing about quality
 (a random 2-layer LLM) and nothing about wall-clock time."""
@@ -12,8 +12,9 @@ import pytest
 
 from rundir.manifest import verify
 from training.config import from_dict, load_config
-from training.loop import BASE_ROW, aligned_row, sample_users
-from training.rerank_job import COLD, COLD_RETRIEVER, FUSED, RERANK_ROWS, SFT, SFT_DPO
+from training.preference_dpo import aligned_row
+from training.rerank_training import COLD, COLD_RETRIEVER, FUSED, RERANK_ROWS, SFT, SFT_DPO
+from training.stages import BASE_ROW, sample_users
 
 
 @pytest.mark.engine
@@ -136,7 +137,7 @@ def test_merged_policy_is_a_float32_model_folder(tmp_path: Path, tiny_llm_dir: P
     from transformers import AutoModelForCausalLM
 
     from training.dpo import ADAPTER_DIR
-    from training.loop import LoopInputs, policy
+    from training.engines import policy
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.float32)
     lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
@@ -144,18 +145,16 @@ def test_merged_policy_is_a_float32_model_folder(tmp_path: Path, tiny_llm_dir: P
     lora.save_pretrained(str(adapter))
     expected = lora.merge_and_unload().state_dict()
     cfg = from_dict({"llm": {"model": str(tiny_llm_dir)}})
-    unused = dict.fromkeys(("catalog", "split", "encoder", "vectors", "retriever", "ranks"))  # policy() reads none
-    inp = LoopInputs(cfg=cfg, users=[], model_dir=tiny_llm_dir, texts={}, **unused)
-    assert policy(inp, None, tmp_path) == {"model": str(tiny_llm_dir), "lora": None}
-    got = policy(inp, adapter, tmp_path)
+    assert policy(cfg, tiny_llm_dir, None, tmp_path) == {"model": str(tiny_llm_dir), "lora": None}
+    got = policy(cfg, tiny_llm_dir, adapter, tmp_path)
     assert got["lora"] is None and got["model"] != str(tiny_llm_dir)
     merged = AutoModelForCausalLM.from_pretrained(got["model"])
     assert merged.dtype == torch.float32  # a bf16 merge would round a small LoRA update away
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(merged.state_dict()[name], expected[name])
-    assert policy(inp, adapter, tmp_path) == got  # merged once, reused
+    assert policy(cfg, tiny_llm_dir, adapter, tmp_path) == got  # merged once, reused
     lora_cfg = from_dict({"llm": {"model": str(tiny_llm_dir), "engine_adapters": "lora"}})
-    assert policy(LoopInputs(**{**vars(inp), "cfg": lora_cfg}), adapter, tmp_path) == {
+    assert policy(lora_cfg, tiny_llm_dir, adapter, tmp_path) == {
         "model": str(tiny_llm_dir),
         "lora": str(adapter),
     }
