@@ -302,8 +302,23 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("degraded", "bad_kinds", "preference_sources"):
         report[key] = counts[key]
     report["service_metrics"] = metrics_delta(result["marks"]["end"], result["marks"]["start"])
+    report["llm"] = llm_shares(report["service_metrics"], result["times"]["locust_s"])
     report["fault_drill"] = drill_report(result) if args.fault_drill else None
     return report
+
+
+def llm_shares(delta: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Of the 200 answers (service counters over the test): the shares shed by admission, timed out and
+    otherwise without the LLM, and the goodput (LLM-scored answers per second; the rest was shed or late)."""
+    answered = delta["rerank_status"].get("200", 0)
+    without = {r: n for r, n in delta["degraded"].items() if r.startswith("llm_")}
+    scored = answered - sum(without.values())  # the llm_* reasons exclude each other
+    return {
+        "answers": answered,
+        "llm_scored": scored,
+        "goodput_per_s": scored / seconds if seconds > 0 else None,
+        "shares": {r: n / answered for r, n in sorted(without.items())} if answered else {},
+    }
 
 
 def _version(name: str) -> str:
@@ -327,6 +342,11 @@ def print_summary(report: dict[str, Any]) -> None:
         print(f"{name:<14}{s['requests']:>9}{s['failures']:>9}{cells}{s['rps']:>8.2f}  {status}")
     degraded = Counter(report["degraded"])
     print(f"5xx: {report['status_5xx']}  429: {report['status_429']}  degraded answers: {dict(degraded)}")
+    llm = report.get("llm") or {}
+    if llm.get("answers"):
+        shares = ", ".join(f"{r} {v:.0%}" for r, v in llm["shares"].items()) or "none"
+        rate = llm["goodput_per_s"]
+        print(f"LLM-scored answers {llm['llm_scored']}/{llm['answers']} ({rate:.2f}/s); without the LLM: {shares}")
     drill = report.get("fault_drill")
     if drill and drill.get("phases"):
         for phase in PHASES:

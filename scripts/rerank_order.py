@@ -21,20 +21,13 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import typer  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
-from llm.models import resolve_model  # noqa: E402
 from llm.prompts import render  # noqa: E402
-from retrieval.encoder import TextEncoder  # noqa: E402
-from rundir.preferences import load_preferences  # noqa: E402
-from rundir.reader import load_llm_spec, read_encoder_config, read_retriever  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.data import load_dataset  # noqa: E402
+from rundir.reader import load_llm_spec  # noqa: E402
+from scripts.run_state import stage_inputs  # noqa: E402
 from training.engines import engine_cfg, engine_jobs, run_isolated  # noqa: E402
 from training.rerank import dpo_rows, order_stats  # noqa: E402
 from training.rerank_training import rerank_lists  # noqa: E402
-from training.split import leave_one_out  # noqa: E402
-from training.stages import BASE_ROW, Served, StageInputs  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 
@@ -46,31 +39,8 @@ def main(
 ) -> None:
     from llm.weights import merge_adapter
 
-    cfg = load_config(config)
-    dataset = load_dataset(cfg.data.name, Path(cfg.data.data_dir))
-    split = leave_one_out(dataset.interactions, cfg.data.min_interactions)
-    users = split.ids()[: cfg.max_users] if cfg.max_users else split.ids()
-    texts, vectors = load_preferences(run)  # the served texts, rows in the run's user order
-    if list(texts) != users:
-        raise typer.BadParameter(f"{run} was not trained on the users of --config {config}")
-    retriever = read_retriever(run)
-    model_dir = resolve_model(cfg.llm.model, Path(cfg.llm.model_cache).expanduser())
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    unused = dict.fromkeys(("ranks",))  # the re-rank lists do not read it
-    inp = StageInputs(
-        cfg=cfg,
-        catalog=dataset.catalog,
-        split=split,
-        users=users,
-        model_dir=model_dir,
-        texts=texts,
-        vectors=vectors,
-        retriever=retriever,
-        encoder=TextEncoder(read_encoder_config(run)),
-        **unused,
-    )
-    out = Served(BASE_ROW, texts, vectors, retriever, np.zeros(len(users), dtype=np.int64))
-
+    inp, out, tokenizer = stage_inputs(run, config)
+    cfg, model_dir = inp.cfg, inp.model_dir
     lists = rerank_lists(inp, tokenizer, out)
     k = cfg.rerank.k
     share = np.bincount([e.target_position for e in lists.train], minlength=k) / max(len(lists.train), 1)

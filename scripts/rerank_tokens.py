@@ -25,22 +25,16 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import typer  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
-from llm.models import resolve_model  # noqa: E402
 from llm.prompts import render  # noqa: E402
 from llm.scoring import ScoringSpec, estimate_prior, fused_scores, item_logprobs, order, shifts  # noqa: E402
 from llm.weights import merge_adapter  # noqa: E402
-from retrieval.encoder import TextEncoder  # noqa: E402
-from rundir.preferences import load_preferences  # noqa: E402
-from rundir.reader import load_llm_spec, read_encoder_config, read_retriever  # noqa: E402
+from rundir.reader import load_llm_spec  # noqa: E402
+from scripts.run_state import stage_inputs  # noqa: E402
 from training import ranking_metrics as M  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.data import load_dataset  # noqa: E402
 from training.engines import engine_cfg, engine_jobs, run_isolated  # noqa: E402
 from training.rerank_training import rerank_lists  # noqa: E402
-from training.split import leave_one_out  # noqa: E402
-from training.stages import BASE_ROW, Served, StageInputs, prompt_config  # noqa: E402
+from training.stages import prompt_config  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 
@@ -77,21 +71,12 @@ def main(
     preference_chars: str = typer.Option("100", help="preference lengths tried (K and recent at the run's)"),
     out: Path = typer.Option(Path("benchmarks/results/rerank_tokens.json"), help="JSON summary"),
 ) -> None:
-    cfg = load_config(config)
+    run_inp, served, tokenizer = stage_inputs(run, config)
+    cfg, model_dir = run_inp.cfg, run_inp.model_dir
     rc = cfg.rerank
-    dataset = load_dataset(cfg.data.name, Path(cfg.data.data_dir))
-    split = leave_one_out(dataset.interactions, cfg.data.min_interactions)
-    users = split.ids()[: cfg.max_users] if cfg.max_users else split.ids()
-    texts, vectors = load_preferences(run)
-    if list(texts) != users:
-        raise typer.BadParameter(f"{run} was not trained on the users of --config {config}")
     rerank_adapter = load_llm_spec(run, []).adapters.get("rerank")
     if rerank_adapter is None:
         raise typer.BadParameter(f"{run} has no re-rank adapter")
-    retriever = read_retriever(run)
-    model_dir = resolve_model(cfg.llm.model, Path(cfg.llm.model_cache).expanduser())
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encoder = TextEncoder(read_encoder_config(run))
 
     base = (rc.k, rc.recent_items, rc.preference_chars)
     settings = [base]
@@ -103,21 +88,7 @@ def main(
     def lists_for(k: int, recent: int, chars: int):  # type: ignore[no-untyped-def]
         """The job's lists, and the prompt settings, at one setting."""
         c = dataclasses.replace(cfg, rerank=dataclasses.replace(rc, k=k, recent_items=recent, preference_chars=chars))
-        inp = StageInputs(
-            cfg=c,
-            catalog=dataset.catalog,
-            split=split,
-            users=users,
-            model_dir=model_dir,
-            texts=texts,
-            vectors=vectors,
-            retriever=retriever,
-            encoder=encoder,
-            ranks=None,  # type: ignore[arg-type]  (the lists do not read it)
-        )
-        lists = rerank_lists(
-            inp, tokenizer, Served(BASE_ROW, texts, vectors, retriever, np.zeros(len(users), dtype=np.int64))
-        )
+        lists = rerank_lists(dataclasses.replace(run_inp, cfg=c), tokenizer, served)
         return lists, prompt_config(c)
 
     # the retriever's validation rank of every user (the K-independent baseline), to `depth`

@@ -26,6 +26,18 @@ def test_prediction_and_rate_estimate() -> None:
         Admission(rate=0)
 
 
+def test_a_deadline_miss_cuts_the_rate_but_never_below_the_floor() -> None:
+    a = Admission(rate=100.0, backoff=0.5, floor=0.3)
+    a.seed(400.0)  # measured on the idle engine at start
+    assert a.rate == 400.0 and a.admits(300, 1.0)
+    a.missed()
+    assert a.rate == 200.0 and not a.admits(300, 1.0)  # late work: the estimate was optimistic
+    for _ in range(10):
+        a.missed()
+    assert a.rate == pytest.approx(120.0)  # 0.3 x the seed: a rate cut to nothing would never be admitted again
+    assert a.admits(100, 1.0)
+
+
 def test_a_request_that_cannot_finish_in_time_is_shed_at_once(client, app):
     llm = app.state.service.llm
     assert llm.admission.rate > 0  # measured at start
