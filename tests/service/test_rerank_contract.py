@@ -26,8 +26,8 @@ def test_known_user_retrieval_shape(client):
     assert {"preference", "retrieve", "rerank", "total"} <= set(body["timings_ms"])
     assert body["preference"] is None and all(r["item"] is None for r in body["results"])
     # retrieved candidates exclude what the user has seen
-    seen = set(client.app.state.rundir.reader.users["u1"])
-    catalog = client.app.state.rundir.reader.catalog
+    seen = set(client.app.state.service.artifacts.users["u1"])
+    catalog = client.app.state.service.artifacts.catalog
     assert not {catalog.index_of(r["item_id"]) for r in body["results"]} & seen
 
 
