@@ -31,6 +31,7 @@ COPY pyproject.toml README.md ./
 COPY scripts/install.sh scripts/install.sh
 COPY retrieval retrieval
 COPY llm llm
+COPY rundir rundir
 COPY training training
 COPY service service
 COPY dpo4rec dpo4rec
