@@ -751,6 +751,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+SAMPLES_KEPT = 100  # per level in the JSON: a 30 s level at concurrency 32 answers thousands of requests
+
+
+def trim_samples(report: dict[str, Any], keep: int) -> None:
+    """Keep the first ``keep`` samples of each level in the summary (the summaries cover them all)."""
+    samples = report["service"]["samples"]
+    report["service"]["samples_answered"] = {name: len(group) for name, group in samples.items()}
+    for name, group in samples.items():
+        samples[name] = group[:keep]
+
+
 def to_jsonable(value: Any) -> Any:
     if isinstance(value, Sample):
         return value.brief()
@@ -803,6 +814,7 @@ def main() -> None:
 
     report = asyncio.run(main_async(args))
     print_table(report)
+    trim_samples(report, SAMPLES_KEPT)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(to_jsonable(report), indent=1) + "\n")
     print(f"summary: {args.out}")
