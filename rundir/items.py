@@ -11,8 +11,8 @@ from retrieval.catalog import Catalog, Item
 
 def prompt_item(item: Item, rating: float | None = None) -> HistoryItem:
     """One catalog item -> a prompt item (title, genres, year; a rating when known and not NaN)."""
-    known = rating is not None and not math.isnan(rating)
-    return HistoryItem(title=item.title, genres=item.genres, year=item.year, rating=float(rating) if known else None)
+    known = None if rating is None or math.isnan(rating) else float(rating)
+    return HistoryItem(title=item.title, genres=item.genres, year=item.year, rating=known)
 
 
 def prompt_items(catalog: Catalog, indices: Sequence[int], ratings: Sequence[float] | None = None) -> list[HistoryItem]:

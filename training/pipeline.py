@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,12 @@ from rundir.writer import RunContents, write_run
 from training import ranking_metrics as M
 from training.base_preferences import PREFERENCE_ROWS, base_preferences, model_folder
 from training.config import PipelineConfig
-from training.data import load_dataset
+from training.data import Dataset, load_dataset
 from training.preference_dpo import AlignResult, align_preferences
 from training.report import write_report
 from training.rerank_training import RerankResult, rerank_comparisons, train_reranker
 from training.retriever import score_users
-from training.split import leave_one_out
+from training.split import Split, leave_one_out
 from training.stages import (
     Served,
     StageInputs,
@@ -50,15 +51,85 @@ from training.stages import (
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Base:
+    """Every run's first stages: its users, the baseline rows and the base-preference retriever."""
+
+    dataset: Dataset
+    split: Split
+    users: list[str]
+    encoder: TextEncoder
+    texts: dict[str, str]  # the base preference text per user
+    samples: dict[str, list[str]] | None  # round-1 samples per DPO user, when the base stage drew them
+    served: Served  # the base-preference row: texts, vectors, the augmented SASRec, its test ranks
+    ranks: dict[str, np.ndarray]  # test ranks per row: most-popular, SASRec, the base-preference row
+    curves: dict[str, list[dict[str, Any]]]  # SASRec validation curves per row
+
+
+@dataclass
+class _LLMStages:
+    """What the DPO loop and the re-rank stage made (either may be off in the configuration)."""
+
+    aligned: AlignResult | None = None
+    reranked: RerankResult | None = None
+
+
 def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dict[str, Any]:
     """Train every stage the configuration enables and write the run directory ``out``; returns metrics.json."""
     timer = StageTimer()
+    base = _base_stages(cfg, timer)
+    ranks, curves = dict(base.ranks), dict(base.curves)
+    comparisons = [
+        c
+        for a, b in ((base.served.row, "SASRec"), ("SASRec", "most-popular"))
+        for c in compare(_per_user(ranks), a, b, ("NDCG@10", "Recall@10"), cfg.eval.bootstrap)
+    ]
+    work = Path(tempfile.mkdtemp(prefix="dpo4rec-train-"))  # adapters and pairs, until the run is written
+    try:
+        llm = _llm_stages(cfg, base, work, timer)
+        served, doc = base.served, dict[str, Any]()
+        if llm.aligned:
+            served = llm.aligned.served
+            ranks.update(llm.aligned.ranks)
+            curves.update(llm.aligned.curves)
+            comparisons += llm.aligned.comparisons
+            _merge_doc(doc, llm.aligned.doc)
+        if llm.reranked:
+            ranks.update(llm.reranked.ranks)
+            comparisons += rerank_comparisons(_per_user(ranks), served.row, cfg.eval.bootstrap)
+            _merge_doc(doc, llm.reranked.doc)
+        with timer("index"):
+            index = ItemIndex(served.retriever.item_vectors(), kind=cfg.eval.index_kind)
+            test_seqs = _test_sequences(base.split, base.users)
+            queries = served.retriever.user_vectors([test_seqs[u] for u in base.users], served.vectors)
+            index_recall = index.recall_vs_exact(queries, k=20)
+        rows = [system_row(name, r) for name, r in ranks.items()]
+        metrics_doc = {
+            "split": "test",
+            "users": len(base.users),
+            "rows": rows,
+            "comparisons": comparisons,
+            "index_recall_at_20_vs_exact": index_recall,
+            "stage_seconds": timer.seconds,
+            "curves": curves,
+        }
+        if llm.aligned or llm.reranked:  # the served retriever, reward distributions, DPO curves, re-rank details
+            metrics_doc.update({"served_retriever": served.row, **doc})
+        version = _write(cfg, out, base, llm, served, index, metrics_doc, overwrite)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("run written to %s (version %s)", out, version)
+    return metrics_doc
+
+
+def _base_stages(cfg: PipelineConfig, timer: StageTimer) -> _Base:
+    """data -> split -> most-popular -> SASRec -> base preference texts -> their vectors -> SASRec with them."""
     with timer("data"):
         dataset = load_dataset(cfg.data.name, Path(cfg.data.data_dir))
         split = leave_one_out(dataset.interactions, cfg.data.min_interactions)
         users = split.ids()[: cfg.max_users] if cfg.max_users else split.ids()
         catalog = dataset.catalog
-    test_seqs = {u: [*split.users[u].train, split.users[u].valid] for u in users}
+    test_seqs = _test_sequences(split, users)
     ranks: dict[str, np.ndarray] = {}
     with timer("most_popular"):
         pop = popularity_scores(catalog, test_seqs)
@@ -70,110 +141,103 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
     with timer("preferences_llm"):
         texts, samples = base_preferences(cfg, catalog, split, users)
     with timer("preferences_encode"):
-        encoder_cfg = EncoderConfig()
-        encoder = TextEncoder(encoder_cfg)
+        encoder = TextEncoder(EncoderConfig())
         vectors = encoder.encode([texts[u] for u in users], progress=True)
         prefs = {u: vectors[i] for i, u in enumerate(users)}
     with timer("sasrec_pref"):
         augmented, aug_curve = train_sasrec(cfg, catalog, split, users, prefs, vectors.shape[1])
         ranks[pref_row] = ranks_on_test(score_users(augmented, test_seqs, prefs, users), split, users)
-    curves = {"SASRec": plain_curve, pref_row: aug_curve}
     served = Served(pref_row, texts, vectors, augmented, ranks[pref_row])
-    per_user = {name: M.per_user(r) for name, r in ranks.items()}
-    comparisons = [
-        c
-        for a, b in ((pref_row, "SASRec"), ("SASRec", "most-popular"))
-        for c in compare(per_user, a, b, ("NDCG@10", "Recall@10"), cfg.eval.bootstrap)
-    ]
-    doc: dict[str, Any] = {}
-    aligned: AlignResult | None = None
-    reranked: RerankResult | None = None
-    work = Path(tempfile.mkdtemp(prefix="dpo4rec-train-"))  # adapters and pairs, until the run is written
-    try:
-        if cfg.preference_dpo.rounds or cfg.rerank.enabled:
-            from transformers import AutoTokenizer
+    curves = {"SASRec": plain_curve, pref_row: aug_curve}
+    return _Base(dataset, split, users, encoder, texts, samples, served, ranks, curves)
 
-            model_dir = model_folder(cfg)
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            inp = StageInputs(
-                cfg, catalog, split, users, model_dir, encoder, texts, vectors, augmented, ranks[pref_row], samples
-            )
-            if cfg.preference_dpo.rounds:
-                aligned = align_preferences(inp, tokenizer, work, timer)
-                served = aligned.served
-                ranks.update(aligned.ranks)
-                curves.update(aligned.curves)
-                comparisons += aligned.comparisons
-                _merge_doc(doc, aligned.doc)
-            if cfg.rerank.enabled:
-                reranked = train_reranker(inp, served, tokenizer, work, timer)
-                ranks.update(reranked.ranks)
-                per_user = {name: M.per_user(r) for name, r in ranks.items()}
-                comparisons += rerank_comparisons(per_user, served.row, cfg.eval.bootstrap)
-                _merge_doc(doc, reranked.doc)
-        with timer("index"):
-            index = ItemIndex(served.retriever.item_vectors(), kind=cfg.eval.index_kind)
-            queries = served.retriever.user_vectors([test_seqs[u] for u in users], served.vectors)
-            index_recall = index.recall_vs_exact(queries, k=20)
-        rows = [system_row(name, r) for name, r in ranks.items()]
-        metrics_doc = {
-            "split": "test",
-            "users": len(users),
-            "rows": rows,
-            "comparisons": comparisons,
-            "index_recall_at_20_vs_exact": index_recall,
-            "stage_seconds": timer.seconds,
-            "curves": curves,
-        }
-        if aligned or reranked:  # the retriever the run serves, reward distributions, DPO curves, re-rank details
-            metrics_doc.update({"served_retriever": served.row, **doc})
-        scoring = reranked.scoring if reranked else None
-        spec = LLMSpec(
-            base_model=cfg.llm.model,
-            adapters={
-                "preference": aligned.adapter if aligned else None,
-                "rerank": reranked.adapter if reranked else None,
-            },
-            prompt=prompt_config(cfg),
-            rerank_k=cfg.rerank.k,
-            preference_generation=GenerationConfig(
-                max_tokens=cfg.llm.max_tokens,
-                temperature=cfg.llm.temperature,
-                repetition_penalty=cfg.llm.repetition_penalty,
-            ),
-            **({"scoring": scoring} if scoring else {}),  # none: an LLM-only order (no re-rank adapter trained)
-        )
-        examples = {u: texts[u] for u in users[:3]}
-        if aligned and served.texts is not texts:
-            examples.update({f"{u} (DPO-aligned)": served.texts[u] for u in users[:3]})
-        version = f"{dataset.name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-        llm_rerank = "not trained" if scoring is None else ("on" if scoring.uses_llm else "skipped (fusion weight 0)")
-        write_run(
-            out,
-            RunContents(
-                catalog=catalog,
-                retriever=served.retriever,
-                encoder=encoder_cfg,
-                index=index,
-                texts={u: served.texts[u] for u in users},
-                vectors=served.vectors,
-                users=served_histories(split, users),
-                llm=spec,
-                metrics=metrics_doc,
-                files=aligned.files if aligned else {},
-            ),
-            version=version,
-            dataset=dataset.name,
-            config=cfg.to_dict(),
-            headline={r["system"]: {"NDCG@10": r["NDCG@10"], "Recall@10": r["Recall@10"]} for r in rows},
-            extra={"llm_rerank": llm_rerank, "fusion_weight": scoring.weight if scoring else None},
-            report=lambda folder: write_report(folder, metrics_doc, examples=examples),
-            overwrite=overwrite,
-        )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    log.info("run written to %s (version %s)", out, version)
-    return metrics_doc
+
+def _llm_stages(cfg: PipelineConfig, base: _Base, work: Path, timer: StageTimer) -> _LLMStages:
+    """The DPO loop on the base preferences, then the re-rank stage on what the run serves after it."""
+    if not (cfg.preference_dpo.rounds or cfg.rerank.enabled):
+        return _LLMStages()
+    from transformers import AutoTokenizer  # heavy; a run without LLM stages does not pay for it
+
+    model_dir = model_folder(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    s = base.served
+    inp = StageInputs(
+        cfg, base.dataset.catalog, base.split, base.users, model_dir, base.encoder, base.texts, s.vectors,
+        s.retriever, s.ranks, base.samples,
+    )  # fmt: skip
+    aligned = align_preferences(inp, tokenizer, work, timer) if cfg.preference_dpo.rounds else None
+    served = aligned.served if aligned else s
+    reranked = train_reranker(inp, served, tokenizer, work, timer) if cfg.rerank.enabled else None
+    return _LLMStages(aligned, reranked)
+
+
+def _write(
+    cfg: PipelineConfig,
+    out: Path,
+    base: _Base,
+    llm: _LLMStages,
+    served: Served,
+    index: ItemIndex,
+    metrics_doc: dict[str, Any],
+    overwrite: bool,
+) -> str:
+    """The run directory (``rundir.writer``) with llm.json, the report and the manifest; returns its version."""
+    aligned, reranked, users = llm.aligned, llm.reranked, base.users
+    scoring = reranked.scoring if reranked else None
+    spec = LLMSpec(
+        base_model=cfg.llm.model,
+        adapters={
+            "preference": aligned.adapter if aligned else None,
+            "rerank": reranked.adapter if reranked else None,
+        },
+        prompt=prompt_config(cfg),
+        rerank_k=cfg.rerank.k,
+        preference_generation=GenerationConfig(
+            max_tokens=cfg.llm.max_tokens,
+            temperature=cfg.llm.temperature,
+            repetition_penalty=cfg.llm.repetition_penalty,
+        ),
+        **({"scoring": scoring} if scoring else {}),  # none: an LLM-only order (no re-rank adapter trained)
+    )
+    examples = {u: base.texts[u] for u in users[:3]}
+    if aligned and served.texts is not base.texts:
+        examples.update({f"{u} (DPO-aligned)": served.texts[u] for u in users[:3]})
+    dataset = base.dataset
+    version = f"{dataset.name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    llm_rerank = "not trained" if scoring is None else ("on" if scoring.uses_llm else "skipped (fusion weight 0)")
+    rows = metrics_doc["rows"]
+    write_run(
+        out,
+        RunContents(
+            catalog=dataset.catalog,
+            retriever=served.retriever,
+            encoder=base.encoder.cfg,
+            index=index,
+            texts={u: served.texts[u] for u in users},
+            vectors=served.vectors,
+            users=served_histories(base.split, users),
+            llm=spec,
+            metrics=metrics_doc,
+            files=aligned.files if aligned else {},
+        ),
+        version=version,
+        dataset=dataset.name,
+        config=cfg.to_dict(),
+        headline={r["system"]: {"NDCG@10": r["NDCG@10"], "Recall@10": r["Recall@10"]} for r in rows},
+        extra={"llm_rerank": llm_rerank, "fusion_weight": scoring.weight if scoring else None},
+        report=lambda folder: write_report(folder, metrics_doc, examples=examples),
+        overwrite=overwrite,
+    )
+    return version
+
+
+def _test_sequences(split: Split, users: list[str]) -> dict[str, list[int]]:
+    """What the retriever sees when it ranks a user's test item: the training items and the validation item."""
+    return {u: [*split.users[u].train, split.users[u].valid] for u in users}
+
+
+def _per_user(ranks: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    return {name: M.per_user(r) for name, r in ranks.items()}
 
 
 def _merge_doc(doc: dict[str, Any], more: dict[str, Any]) -> None:
