@@ -101,6 +101,7 @@ def engine_config(settings: Settings, spec: LLMSpec, model: Path, lora: bool) ->
         kv_cache_gib=settings.kv_cache_gib,
         dtype=resolve_dtype(settings.llm_dtype),
         block_size=settings.llm_block_size,
+        omp_wait_policy=settings.engine_omp_wait,
     )
 
 

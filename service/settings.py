@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         1.2, ge=0.1, description="predicted LLM time x this must fit the remaining deadline to be admitted"
     )
     fallback_reserve_ms: int = Field(
-        100, ge=0, description="kept from the deadline for the answer without the LLM when its stage gives up"
+        300, ge=0, description="kept from the deadline for the answer without the LLM when its stage gives up"
     )
     new_item_score: Literal["min", "mean", "max"] = Field(
         "mean", description="retriever score of a given new item (text only), from the known candidates' scores"
@@ -113,6 +113,11 @@ class Settings(BaseSettings):
         "its share under a burst of fast answers (0: off)",
     )
     kv_cache_gib: float | None = Field(None, gt=0, description="KV cache size; None = vLLM's default")
+    engine_omp_wait: Literal["PASSIVE", "ACTIVE"] | None = Field(
+        "PASSIVE",
+        description="OMP_WAIT_POLICY of the engine processes: PASSIVE lets idle OpenMP threads sleep instead of "
+        "spinning on cores the API process shares (None: the environment's; an explicit OMP_WAIT_POLICY wins)",
+    )
     preference_max_tokens: int | None = Field(
         None, ge=1, description="generation length of a preference; None = llm.json's"
     )
