@@ -247,6 +247,7 @@ async def open_service(settings: Settings, metrics: ServiceMetrics) -> AsyncIter
             generation_timeout_s=settings.preference_timeout_s,
             stand_in=functools.partial(history_text, config=artifacts.llm.prompt),
             queue_size=settings.preference_queue,
+            workers=settings.preference_workers,
             wait=settings.preference_wait,
         )
         stack.push_async_callback(preferences.close)

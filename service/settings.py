@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     preference_queue: int = Field(
         64, ge=0, description="background preference generations pending at once; beyond it one is dropped"
     )
+    preference_workers: int = Field(
+        1, ge=1, description="background preference generations in the engine at once; the rest of the queue waits"
+    )
     preference_timeout_s: float = Field(30.0, gt=0, description="bound on one background preference generation")
 
     # ---- protection ---------------------------------------------------------------------------------
