@@ -209,9 +209,10 @@ class _Prompts:
 
 
 def _label_histogram(scores: Sequence[np.ndarray], k: int) -> list[float]:
-    """Share of lists whose best-scored label is A, B, ... (by position)."""
+    """Share of lists whose best-scored label is A, B, ... (by position). Not rounded: the shares sum to 1
+    (rounded to 4 places, 15 lists' shares summed to 1.0001 on a bf16 engine)."""
     top = [int(order(s)[0]) for s in scores]
-    return (np.bincount(top, minlength=k) / max(len(top), 1)).round(4).tolist() if top else [0.0] * k
+    return (np.bincount(top, minlength=k) / len(top)).tolist() if top else [0.0] * k
 
 
 def choose_weight(
