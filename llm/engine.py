@@ -94,8 +94,8 @@ class EngineConfig:
     log_stats: bool = False  # vLLM's periodic stats logging and its Prometheus metrics
     # OMP_WAIT_POLICY of the engine process, set before it starts (None: the environment's). "PASSIVE":
     # idle OpenMP threads sleep instead of spinning, so on cores shared with the API process the engine
-    # does not burn the CPU the API needs to feed it and answer (docs/BENCHMARKS.md: goodput at
-    # concurrency 16 1.8 -> 3.2 answers/s on 2 cores). An explicit OMP_WAIT_POLICY in the environment wins.
+    # does not burn the CPU the API needs to feed it and answer (docs/DECISIONS.md, docs/BENCHMARKS.md).
+    # An explicit OMP_WAIT_POLICY in the environment wins.
     omp_wait_policy: Literal["PASSIVE", "ACTIVE"] | None = None
 
     def __post_init__(self) -> None:
