@@ -70,6 +70,7 @@ class _Base:
 class _LLMStages:
     """What the DPO loop and the re-rank stage made (either may be off in the configuration)."""
 
+    served: Served  # what the run serves after them: the last DPO round's, else the base-preference row
     aligned: AlignResult | None = None
     reranked: RerankResult | None = None
 
@@ -87,9 +88,8 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
     work = Path(tempfile.mkdtemp(prefix="dpo4rec-train-"))  # adapters and pairs, until the run is written
     try:
         llm = _llm_stages(cfg, base, work, timer)
-        served, doc = base.served, dict[str, Any]()
+        served, doc = llm.served, dict[str, Any]()
         if llm.aligned:
-            served = llm.aligned.served
             ranks.update(llm.aligned.ranks)
             curves.update(llm.aligned.curves)
             comparisons += llm.aligned.comparisons
@@ -115,7 +115,7 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
         }
         if llm.aligned or llm.reranked:  # the served retriever, reward distributions, DPO curves, re-rank details
             metrics_doc.update({"served_retriever": served.row, **doc})
-        version = _write(cfg, out, base, llm, served, index, metrics_doc, overwrite)
+        version = _write(cfg, out, base, llm, index, metrics_doc, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("run written to %s (version %s)", out, version)
@@ -155,7 +155,7 @@ def _base_stages(cfg: PipelineConfig, timer: StageTimer) -> _Base:
 def _llm_stages(cfg: PipelineConfig, base: _Base, work: Path, timer: StageTimer) -> _LLMStages:
     """The DPO loop on the base preferences, then the re-rank stage on what the run serves after it."""
     if not (cfg.preference_dpo.rounds or cfg.rerank.enabled):
-        return _LLMStages()
+        return _LLMStages(base.served)
     from transformers import AutoTokenizer  # heavy; a run without LLM stages does not pay for it
 
     model_dir = model_folder(cfg)
@@ -168,7 +168,7 @@ def _llm_stages(cfg: PipelineConfig, base: _Base, work: Path, timer: StageTimer)
     aligned = align_preferences(inp, tokenizer, work, timer) if cfg.preference_dpo.rounds else None
     served = aligned.served if aligned else s
     reranked = train_reranker(inp, served, tokenizer, work, timer) if cfg.rerank.enabled else None
-    return _LLMStages(aligned, reranked)
+    return _LLMStages(served, aligned, reranked)
 
 
 def _write(
@@ -176,13 +176,12 @@ def _write(
     out: Path,
     base: _Base,
     llm: _LLMStages,
-    served: Served,
     index: ItemIndex,
     metrics_doc: dict[str, Any],
     overwrite: bool,
 ) -> str:
     """The run directory (``rundir.writer``) with llm.json, the report and the manifest; returns its version."""
-    aligned, reranked, users = llm.aligned, llm.reranked, base.users
+    aligned, reranked, served, users = llm.aligned, llm.reranked, llm.served, base.users
     scoring = reranked.scoring if reranked else None
     spec = LLMSpec(
         base_model=cfg.llm.model,
