@@ -140,6 +140,9 @@ def service_settings(run_dir: Path, **overrides: Any) -> dict[str, Any]:
         "admission": False,  # never shed: a batch has the time
         "api_nice": 0,  # nothing is answered without the LLM here: no fast path to keep off the engine's cores
         "engine_omp_wait": None,  # nor an API to leave cores to: the engine's threads may spin (OpenMP's default)
+        "engine_ipc_busy_loop_s": None,  # and its core poll (vLLM's default)
+        "max_num_batched_tokens": None,  # no deadline to predict: vLLM's larger steps
+        "engine_slots": None,  # and the engine batches all it is given
         "preference_workers": 64,  # a batch waits for its missing texts: generate them together
         **overrides,
     }

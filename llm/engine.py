@@ -97,6 +97,9 @@ class EngineConfig:
     # does not burn the CPU the API needs to feed it and answer (docs/DECISIONS.md, docs/BENCHMARKS.md).
     # An explicit OMP_WAIT_POLICY in the environment wins.
     omp_wait_policy: Literal["PASSIVE", "ACTIVE"] | None = None
+    # how long vLLM's engine core polls (sched_yield) for its worker's answer before it sleeps; applied in the
+    # engine's processes by llm.vllm_plugin. None: vLLM's (1 s: it polls through every CPU step)
+    ipc_busy_loop_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -253,14 +256,16 @@ def _engine_env(cfg: EngineConfig) -> Iterator[None]:
     """The environment the engine process is started with (it inherits this one's), restored after."""
     import os
 
-    if cfg.omp_wait_policy is None or "OMP_WAIT_POLICY" in os.environ:
-        yield
-        return
-    os.environ["OMP_WAIT_POLICY"] = cfg.omp_wait_policy
+    from llm.vllm_plugin import ENV_IPC_BUSY_LOOP_S
+
+    wanted = {"OMP_WAIT_POLICY": cfg.omp_wait_policy, ENV_IPC_BUSY_LOOP_S: cfg.ipc_busy_loop_s}
+    added = {k: str(v) for k, v in wanted.items() if v is not None and k not in os.environ}  # explicit env wins
+    os.environ.update(added)
     try:
         yield
     finally:
-        os.environ.pop("OMP_WAIT_POLICY", None)
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def make_async_engine(cfg: EngineConfig, counters: EngineCounters | None = None) -> AsyncLLM:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ from llm.engine import GenerationConfig, agenerate, ascore_labels, engine_alive,
 from llm.labels import Label, candidate_labels
 from llm.prompts import HistoryItem, PromptConfig, preference_messages, render, rerank_messages
 from llm.scoring import ScoringSpec, item_logprobs, rotate, shifts
-from service.admission import Admission
+from service.admission import Admission, Late
 from service.telemetry import ServiceMetrics
 
 if TYPE_CHECKING:
@@ -102,23 +103,34 @@ class LanguageModel:
             raise LLMError(f"{job}: no engine was started for this job")
         return engine
 
-    async def _call(self, job: str, request_id: str, coro: Any, tokens: int) -> Any:
+    async def _call(self, job: str, request_id: str, coro: Any, tokens: int, deadline: float | None = None) -> Any:
+        """``coro`` (an engine call not yet started) under admission's accounting; a re-rank prompt waits for
+        an engine slot first and raises ``Late`` when its turn comes too late for ``deadline`` (background
+        generations are bounded by ``preference_workers`` instead)."""
         gauge = self.metrics.llm_in_flight.labels(job=job)
-        self.metrics.llm_calls.labels(job=job).inc()
         gauge.inc()
+        started = False
         try:
             with self.admission.running(tokens):
-                return await coro
+                async with self.admission.engine_slot(tokens, deadline) if job == "rerank" else nullcontext():
+                    started = True
+                    self.metrics.llm_calls.labels(job=job).inc()
+                    return await coro
         except asyncio.CancelledError:
-            # the deadline passed: make sure the engine stops working on it (agenerate also aborts), without
-            # holding up the answer the caller gives instead
-            task = asyncio.ensure_future(self._abort(self.engines[job], request_id))
-            self._aborts.add(task)
-            task.add_done_callback(self._aborts.discard)
+            if started:
+                # the deadline passed: make sure the engine stops working on it (agenerate also aborts),
+                # without holding up the answer the caller gives instead
+                task = asyncio.ensure_future(self._abort(self.engines[job], request_id))
+                self._aborts.add(task)
+                task.add_done_callback(self._aborts.discard)
+            raise
+        except Late:
             raise
         except Exception as e:  # vLLM's errors (VLLMError, EngineDeadError, ...) share no narrower base
             raise LLMError(f"{job}: {type(e).__name__}: {e}") from e
         finally:
+            if not started:
+                coro.close()  # it never reached the engine
             gauge.dec()
 
     def tokens(self, prompt: str) -> int:
@@ -180,17 +192,24 @@ class LanguageModel:
         ]
         return RerankPrompts(prompts, orders, [i for _, i in labels], [self.tokens(p) for p in prompts])
 
-    async def score(self, prepared: RerankPrompts, scoring: ScoringSpec, request_id: str | None = None) -> np.ndarray:
+    async def score(
+        self,
+        prepared: RerankPrompts,
+        scoring: ScoringSpec,
+        request_id: str | None = None,
+        deadline: float | None = None,
+    ) -> np.ndarray:
         """The LLM's score of each candidate (k,), in their order: label log-probs with the run's label
         prior removed, averaged over the candidate orders (one forward pass each, run concurrently);
-        ``llm.scoring`` is the same code training measured with."""
+        ``llm.scoring`` is the same code training measured with. ``deadline`` (``time.perf_counter()``
+        seconds): a prompt whose engine turn comes too late for it raises ``Late`` (``service.admission``)."""
 
         engine = self._engine("rerank")
 
         async def one(prompt: str, tokens: int) -> np.ndarray:
             rid = _engine_request_id(request_id, "rank")
             coro = ascore_labels(engine, prompt, prepared.label_ids, rid, self.loras.get("rerank"))
-            return np.asarray(await self._call("rerank", rid, coro, tokens), dtype=np.float64)
+            return np.asarray(await self._call("rerank", rid, coro, tokens, deadline), dtype=np.float64)
 
         per_order = await asyncio.gather(*(one(p, n) for p, n in zip(prepared.prompts, prepared.tokens, strict=True)))
         if not all(np.isfinite(p).any() for p in per_order):

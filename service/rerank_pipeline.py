@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -33,6 +33,8 @@ from llm.prompts import HistoryItem
 from llm.scoring import ScoringSpec, fused_scores
 from rundir.items import prompt_item, prompt_items
 from rundir.reader import Artifacts
+from service.admission import Late
+from service.batching import Coalescer
 from service.errors import DuplicateItemsError, TooManyItemsError, UnknownItemsError, UnknownUserError
 from service.language_model import LanguageModel, LLMError, label_probabilities
 from service.preferences import PreferenceService
@@ -92,6 +94,7 @@ class RerankPipeline:
         self.rerank_k = min(settings.rerank_k or artifacts.llm.rerank_k, llm.cfg.rerank_k if llm else 10**9)
         self.pref_dim = artifacts.retriever.cfg.pref_dim
         self.item_vectors = artifacts.retriever.item_vectors()  # (N+1, H): given candidates' retriever scores
+        self._query = Coalescer(self._user_vectors)  # (history, preference vector) -> user vector (H,)
         # what the run chose (llm.json "scoring"), or the operator's override (service.runtime.served_scoring);
         # weight 0: the LLM did not help on validation, and it is never called
         self.scoring = scoring or artifacts.llm.scoring
@@ -146,28 +149,35 @@ class RerankPipeline:
     def _items(self, indices: list[int]) -> list[HistoryItem]:
         return prompt_items(self.artifacts.catalog, indices)
 
-    def _query(self, history: list[int], vector: np.ndarray | None) -> np.ndarray:
-        """The retriever's user vector (1, H): last ``max_len`` items + the preference vector (zeros without)."""
+    def _user_vectors(self, users: Sequence[tuple[list[int], np.ndarray | None]]) -> np.ndarray:
+        """The retriever's user vectors (B, H), one forward pass: each user's last ``max_len`` items + their
+        preference vector (zeros without one). Called through ``self._query`` (concurrent requests coalesced)."""
         retriever = self.artifacts.retriever
         pref = None
         if self.pref_dim:
-            pref = (vector if vector is not None else np.zeros(self.pref_dim, np.float32)).reshape(1, -1)
-        return retriever.user_vectors([history[-retriever.cfg.max_len :]], pref)
+            zeros = np.zeros(self.pref_dim, np.float32)
+            pref = np.stack([zeros if v is None else np.asarray(v, np.float32).reshape(-1) for _, v in users])
+        return retriever.user_vectors([history[-retriever.cfg.max_len :] for history, _ in users], pref)
 
-    def _retrieve(self, history: list[int], vector: np.ndarray | None, k: int) -> tuple[list[Candidate], np.ndarray]:
-        """Top-k unseen items for the user, best first, and their retriever scores (a worker thread: torch + FAISS)."""
+    async def _retrieve(
+        self, history: list[int], vector: np.ndarray | None, k: int
+    ) -> tuple[list[Candidate], np.ndarray]:
+        """Top-k unseen items for the user, best first, and their retriever scores."""
         seen = set(history)
         k = min(k, self.artifacts.index.num_items - len(seen))
         if k < 1:
             return [], np.empty(0)
-        scores, items = self.artifacts.index.search(self._query(history, vector), k, exclude=[seen])  # (1, k)
+        query = (await self._query((history, vector))).reshape(1, -1)
+        scores, items = await asyncio.to_thread(self.artifacts.index.search, query, k, exclude=[seen])  # (1, k)
         keep = items[0] > 0
         return [self._candidate(int(i)) for i in items[0][keep]], scores[0][keep].astype(np.float64)
 
-    def _scores_of(self, history: list[int], vector: np.ndarray | None, candidates: list[Candidate]) -> np.ndarray:
+    async def _scores_of(
+        self, history: list[int], vector: np.ndarray | None, candidates: list[Candidate]
+    ) -> np.ndarray:
         """The retriever's scores of given candidates (inner products, as the index would give them); a new
         item, which the retriever has never seen, gets the prior ``new_item_score`` of the known ones."""
-        query = self._query(history, vector)[0]
+        query = await self._query((history, vector))
         known = [c.index for c in candidates if c.index is not None]
         scores = self.item_vectors[known] @ query if known else np.zeros(0)
         prior = float(getattr(np, self.settings.new_item_score)(scores)) if known else 0.0  # min | mean | max
@@ -209,8 +219,9 @@ class RerankPipeline:
             degraded.add("llm_shed")  # it would finish too late: the retriever answers now, no engine work queued
             return None
         try:
-            llm = await asyncio.wait_for(self.llm.score(prepared, self.scoring, request_id), timeout=budget)
-        except asyncio.TimeoutError:
+            deadline = time.perf_counter() + budget
+            llm = await asyncio.wait_for(self.llm.score(prepared, self.scoring, request_id, deadline), timeout=budget)
+        except (asyncio.TimeoutError, Late):  # out of time in the engine, or while waiting for it
             degraded.add("llm_timeout")
             if self.settings.admission:
                 self.llm.admission.missed()  # admitted yet late: the engine is slower than estimated
@@ -248,10 +259,10 @@ class RerankPipeline:
                 candidates = given
                 if fuse and candidates:  # the fused score needs the retriever's view of the given items
                     head = candidates[: self.rerank_k]
-                    retriever_scores = await asyncio.to_thread(self._scores_of, history, vector, head)
+                    retriever_scores = await self._scores_of(history, vector, head)
             else:
                 k = max(settings.retrieve_k, top_n)
-                candidates, retriever_scores = await asyncio.to_thread(self._retrieve, history, vector, k)
+                candidates, retriever_scores = await self._retrieve(history, vector, k)
 
         with clock.stage("rerank", self.metrics):
             try:

@@ -34,6 +34,7 @@ from llm.weights import merged_model
 from retrieval.encoder import TextEncoder
 from rundir.manifest import RunDirError
 from rundir.reader import Artifacts, LLMSpec, load_artifacts
+from service.admission import Admission
 from service.cache import CacheUnavailable, Preference, PreferenceCache
 from service.language_model import LanguageModel, LLMJobConfig
 from service.preferences import PreferenceService
@@ -96,12 +97,14 @@ def engine_config(settings: Settings, spec: LLMSpec, model: Path, lora: bool) ->
         model=str(model),
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
         max_logprobs=max(64, settings.rerank_k or spec.rerank_k),
         enable_lora=lora,
         kv_cache_gib=settings.kv_cache_gib,
         dtype=resolve_dtype(settings.llm_dtype),
         block_size=settings.llm_block_size,
         omp_wait_policy=settings.engine_omp_wait,
+        ipc_busy_loop_s=settings.engine_ipc_busy_loop_s,
     )
 
 
@@ -175,7 +178,7 @@ async def _start_llm(
         rerank_k=settings.rerank_k or spec.rerank_k,
         loras={job: w.lora for job, w in jobs.items()},
     )
-    llm = LanguageModel(engines, tokenizer, cfg, metrics)
+    llm = LanguageModel(engines, tokenizer, cfg, metrics, Admission(rate=200.0, slots=settings.engine_slots))
     log.info(
         "llm jobs: %s",
         ", ".join(f"{job} on {w.model.name}{' + LoRA ' + w.lora.name if w.lora else ''}" for job, w in jobs.items()),

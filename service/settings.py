@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     admission_headroom: float = Field(
         1.2, ge=0.1, description="predicted LLM time x this must fit the remaining deadline to be admitted"
     )
+    engine_slots: int | None = Field(
+        2,
+        ge=1,
+        description="admitted re-rank prompts in the engine at once; the rest wait in the service, where one whose "
+        "turn comes too late gives up before the engine computes any of it (None: no limit; on a GPU, whose "
+        "throughput grows with the batch, about max_num_seqs)",
+    )
     fallback_reserve_ms: int = Field(
         300, ge=0, description="kept from the deadline for the answer without the LLM when its stage gives up"
     )
@@ -91,6 +98,13 @@ class Settings(BaseSettings):
     llm_model: Path | None = Field(None, description="HF model folder overriding llm.json's base_model")
     max_model_len: int = Field(2048, ge=64, description="prompt + generated tokens per request")
     max_num_seqs: int = Field(16, ge=1, description="sequences the engine batches per step")
+    max_num_batched_tokens: int | None = Field(
+        512,
+        ge=16,
+        description="prompt tokens per engine step (vLLM's chunked-prefill budget): about one re-rank prompt, so "
+        "on a CPU a step ends every ~0.5 s and admitted work finishes in arrival order, when admission predicts "
+        "(None: vLLM's default, 2048 on a CPU: a 2 s step)",
+    )
     llm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="engine dtype; auto = bfloat16 on GPUs and bf16-capable CPUs, else float32"
     )
@@ -120,6 +134,12 @@ class Settings(BaseSettings):
         "PASSIVE",
         description="OMP_WAIT_POLICY of the engine processes: PASSIVE lets idle OpenMP threads sleep instead of "
         "spinning on cores the API process shares (None: the environment's; an explicit OMP_WAIT_POLICY wins)",
+    )
+    engine_ipc_busy_loop_s: float | None = Field(
+        0.0,
+        ge=0,
+        description="how long vLLM's engine core polls for its worker's answer before it sleeps (llm.vllm_plugin); "
+        "vLLM's 1 s polls through every CPU step on the worker's cores (None: vLLM's)",
     )
     preference_max_tokens: int | None = Field(
         None, ge=1, description="generation length of a preference; None = llm.json's"

@@ -3,11 +3,12 @@ engine work queued) and answered from the retriever; admitted ones complete. The
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
-from service.admission import Admission
+from service.admission import Admission, Late
 from tests.service.support import metric
 
 
@@ -59,3 +60,53 @@ def test_a_request_that_cannot_finish_in_time_is_shed_at_once(client, app):
     assert admitted["degraded"] == [] and metric(app, "dpo4rec_llm_calls_total", job="rerank") == calls + 1
     assert metric(app, "dpo4rec_rerank_prompt_tokens_count") == tokens + 1
     assert metric(app, "dpo4rec_engine_token_rate") > 0
+
+
+def test_prompts_wait_for_an_engine_slot_in_arrival_order_and_give_up_when_their_turn_is_too_late() -> None:
+    """Admitted prompts beyond ``slots`` wait in the service; one whose turn comes too late for its deadline
+    raises ``Late`` before it reaches the engine, and the work in the engine is not disturbed."""
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        a = Admission(rate=1000.0, slots=1)
+        order: list[str] = []
+        late: list[str] = []
+        release = asyncio.Event()
+
+        async def prompt(name: str, tokens: int, deadline_in_s: float | None) -> None:
+            deadline = None if deadline_in_s is None else time.perf_counter() + deadline_in_s
+            with a.running(tokens):
+                try:
+                    async with a.engine_slot(tokens, deadline):
+                        order.append(name)
+                        assert a.in_engine == tokens  # one slot: it is alone in the engine
+                        if name == "first":
+                            await release.wait()
+                except Late:
+                    late.append(name)
+
+        tasks = [asyncio.create_task(prompt("first", 500, None))]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(prompt("second", 500, 10.0)))
+        tasks.append(asyncio.create_task(prompt("hopeless", 500, 0.05)))  # needs 0.5 s, has 0.05
+        tasks.append(asyncio.create_task(prompt("third", 100, 10.0)))
+        await asyncio.sleep(0.1)
+        assert a.pending == 1600 and a.in_engine == 500  # queued work counts for admission, not for the engine
+        release.set()
+        await asyncio.gather(*tasks)
+        assert a.pending == 0 and a.in_engine == 0
+        return order, late
+
+    order, late = asyncio.run(scenario())
+    assert order == ["first", "second", "third"] and late == ["hopeless"]
+
+
+def test_without_slots_every_prompt_goes_to_the_engine_at_once() -> None:
+    async def scenario() -> int:
+        a = Admission(rate=1.0)  # so slow that any deadline would be missed: no slots, no check
+        inside = 0
+        async with a.engine_slot(10_000, time.perf_counter() + 0.001):
+            async with a.engine_slot(10_000, time.perf_counter() + 0.001):
+                inside = 2
+        return inside
+
+    assert asyncio.run(scenario()) == 2
