@@ -1,0 +1,183 @@
+"""Where the CPU goes under a closed loop at concurrency 16: the API process, the engine's processes, the client.
+
+From the repository root (the run's LLM path forced on with fusion weight 1):
+
+    python -m benchmarks.cpu_split '[["aiohttp", 3000, 45]]'        # [client, deadline_ms, seconds] per level
+    PROBE_ENV='{"DPO4REC_ENGINE_SLOTS": "4"}' python -m benchmarks.cpu_split   # service settings to try
+
+Starts the service on ``runs/small`` (``PROBE_RUN`` to change), runs each level and prints one JSON line:
+answers, LLM-scored, shed, timeouts, CPU seconds of every process of the service (from ``/proc``) and of
+this client, and the engine's idle share, mean rate and pending tokens sampled from ``/metrics``.
+A diagnostic next to ``benchmarks/service_bench.py`` (which measures what users feel), not a replacement.
+"""
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.service_bench import UserStream
+from benchmarks.support import Server, free_port
+
+TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(pid):
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / TCK
+    except OSError:
+        return 0.0
+
+
+def tree(root):
+    out = {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            st = open(f"/proc/{p}/stat").read()
+            ppid = int(st.rsplit(")", 1)[1].split()[1])
+            name = st.split("(", 1)[1].rsplit(")", 1)[0]
+        except OSError:
+            continue
+        out[int(p)] = (ppid, name)
+    kids = {root}
+    changed = True
+    while changed:
+        changed = False
+        for p, (pp, _) in out.items():
+            if pp in kids and p not in kids:
+                kids.add(p)
+                changed = True
+    return {p: out[p][1] for p in kids if p in out}
+
+
+async def level(kind, base, payloads, conc, secs):
+    import aiohttp
+    import httpx
+
+    n = {"n": 0, "scored": 0, "shed": 0}
+    it = iter(payloads)
+    t0 = time.perf_counter()
+    if kind == "httpx":
+        client = httpx.AsyncClient(
+            base_url=base, limits=httpx.Limits(max_connections=40, max_keepalive_connections=40), trust_env=False
+        )
+
+        async def post(p):
+            r = await client.post("/rerank", json=p, timeout=10)
+            return r.json()
+    else:
+        client = aiohttp.ClientSession(base, connector=aiohttp.TCPConnector(limit=40))
+
+        async def post(p):
+            async with client.post("/rerank", json=p) as r:
+                return await r.json()
+
+    async def worker():
+        for p in it:
+            if time.perf_counter() - t0 > secs:
+                return
+            b = await post(p)
+            n["n"] += 1
+            d = b.get("degraded", [])
+            if not any(x.startswith("llm_") for x in d):
+                n["scored"] += 1
+            if "llm_shed" in d:
+                n["shed"] += 1
+            if "llm_timeout" in d:
+                n["timeout"] = n.get("timeout", 0) + 1
+
+    samples = []
+
+    async def sampler():
+        import aiohttp
+
+        async with aiohttp.ClientSession(base) as sess:
+            while time.perf_counter() - t0 < secs:
+                async with sess.get("/metrics") as r:
+                    txt = await r.text()
+                row = {}
+                for line in txt.splitlines():
+                    for g in (
+                        "dpo4rec_engine_pending_tokens",
+                        "dpo4rec_engine_token_rate",
+                        "dpo4rec_engine_unfinished_requests",
+                    ):
+                        if line.startswith(g + " "):
+                            row[g.split("_", 2)[2]] = float(line.split()[1])
+                samples.append(row)
+                await asyncio.sleep(0.25)
+
+    st = asyncio.create_task(sampler())
+    await asyncio.gather(*(worker() for _ in range(conc)))
+    await st
+    import statistics as S
+
+    if samples:
+        n["idle_frac"] = round(sum(1 for r in samples if r.get("unfinished_requests", 0) == 0) / len(samples), 3)
+        n["rate_mean"] = round(S.fmean(r.get("token_rate", 0) for r in samples))
+        n["rate_min"] = round(min(r.get("token_rate", 0) for r in samples))
+        n["pending_mean"] = round(S.fmean(r.get("pending_tokens", 0) for r in samples))
+    wall = time.perf_counter() - t0
+    if kind == "httpx":
+        await client.aclose()
+    else:
+        await client.close()
+    return n, wall
+
+
+async def main():
+    run = Path(os.environ.get("PROBE_RUN", "runs/small"))
+    env = {"DPO4REC_FUSION_WEIGHT": "1", **json.loads(os.environ.get("PROBE_ENV", "{}"))}
+    server = Server(
+        run, free_port(), Path(os.environ.get("PROBE_LOG", "benchmarks/results/cpu_split.server.log")), env=env
+    )
+    server.start()
+    import httpx
+
+    async with httpx.AsyncClient(base_url=server.base_url, trust_env=False) as c:
+        await server.wait_ready(c, 600)
+    stream = UserStream(run)
+
+    def pl(deadline):
+        u, h = stream.next()
+        body = {"user_id": u, "top_n": 10, "explain": True, "deadline_ms": deadline}
+        return body | ({"history": h} if h else {})
+
+    me = os.getpid()
+    results = []
+    plan = (
+        json.loads(sys.argv[1])
+        if len(sys.argv) > 1
+        else [["httpx", 3000, 10], ["httpx", 30, 20], ["aiohttp", 30, 20], ["httpx", 3000, 30], ["aiohttp", 3000, 30]]
+    )
+    for kind, deadline, secs in plan:
+        procs = tree(server.proc.pid)
+        before = {p: cpu_of(p) for p in procs}
+        mine = cpu_of(me)
+        n, wall = await level(kind, server.base_url, [pl(deadline) for _ in range(5000)], 16, secs)
+        after = {p: cpu_of(p) for p in procs}
+        mine2 = cpu_of(me)
+        per = {f"{procs[p]}:{p}": round(after[p] - before[p], 2) for p in procs if after[p] - before[p] > 0.05}
+        row = dict(
+            kind=kind,
+            deadline=deadline,
+            wall=round(wall, 1),
+            **n,
+            rps=round(n["n"] / wall, 1),
+            scored_rps=round(n["scored"] / wall, 2),
+            client_cpu=round(mine2 - mine, 2),
+            procs=per,
+            client_ms_per_req=round((mine2 - mine) / max(n["n"], 1) * 1000, 2),
+            api_ms_per_req=round((after[server.proc.pid] - before[server.proc.pid]) / max(n["n"], 1) * 1000, 2),
+        )
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    server.stop()
+
+
+asyncio.run(main())
