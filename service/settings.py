@@ -60,11 +60,11 @@ class Settings(BaseSettings):
         1.2, ge=0.1, description="predicted LLM time x this must fit the remaining deadline to be admitted"
     )
     engine_slots: int | None = Field(
-        2,
+        None,
         ge=1,
         description="admitted re-rank prompts in the engine at once; the rest wait in the service, where one whose "
-        "turn comes too late gives up before the engine computes any of it (None: no limit; on a GPU, whose "
-        "throughput grows with the batch, about max_num_seqs)",
+        "turn comes too late gives up before the engine computes any of it (None: no limit, the engine queues "
+        "them). 2 was measured worse at concurrency 4 and 16 (docs/BENCHMARKS.md)",
     )
     fallback_reserve_ms: int = Field(
         300, ge=0, description="kept from the deadline for the answer without the LLM when its stage gives up"
@@ -99,11 +99,10 @@ class Settings(BaseSettings):
     max_model_len: int = Field(2048, ge=64, description="prompt + generated tokens per request")
     max_num_seqs: int = Field(16, ge=1, description="sequences the engine batches per step")
     max_num_batched_tokens: int | None = Field(
-        512,
+        None,
         ge=16,
-        description="prompt tokens per engine step (vLLM's chunked-prefill budget): about one re-rank prompt, so "
-        "on a CPU a step ends every ~0.5 s and admitted work finishes in arrival order, when admission predicts "
-        "(None: vLLM's default, 2048 on a CPU: a 2 s step)",
+        description="prompt tokens per engine step (vLLM's chunked-prefill budget; None: vLLM's, 2048 on a CPU, a "
+        "~2 s step). 512 (about one re-rank prompt) was measured worse with engine_slots 2 (docs/BENCHMARKS.md)",
     )
     llm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="engine dtype; auto = bfloat16 on GPUs and bf16-capable CPUs, else float32"
@@ -136,10 +135,11 @@ class Settings(BaseSettings):
         "spinning on cores the API process shares (None: the environment's; an explicit OMP_WAIT_POLICY wins)",
     )
     engine_ipc_busy_loop_s: float | None = Field(
-        0.0,
+        None,
         ge=0,
-        description="how long vLLM's engine core polls for its worker's answer before it sleeps (llm.vllm_plugin); "
-        "vLLM's 1 s polls through every CPU step on the worker's cores (None: vLLM's)",
+        description="how long vLLM's engine core polls for its worker's answer before it sleeps (llm.vllm_plugin; "
+        "None: vLLM's 1 s, which polls through every CPU step on the worker's cores). 0 frees ~25 % of a core "
+        "under load; not yet measured to raise goodput (docs/BENCHMARKS.md)",
     )
     preference_max_tokens: int | None = Field(
         None, ge=1, description="generation length of a preference; None = llm.json's"
