@@ -130,6 +130,9 @@ async def level(kind, base, payloads, conc, secs):
     return n, wall
 
 
+_servers: list[Server] = []  # started, to stop whatever happens
+
+
 async def main():
     run = Path(os.environ.get("PROBE_RUN", "runs/small"))
     env = {"DPO4REC_FUSION_WEIGHT": "1", **json.loads(os.environ.get("PROBE_ENV", "{}"))}
@@ -137,6 +140,7 @@ async def main():
         run, free_port(), Path(os.environ.get("PROBE_LOG", "benchmarks/results/cpu_split.server.log")), env=env
     )
     server.start()
+    _servers.append(server)
     import httpx
 
     async with httpx.AsyncClient(base_url=server.base_url, trust_env=False) as c:
@@ -149,7 +153,6 @@ async def main():
         return body | ({"history": h} if h else {})
 
     me = os.getpid()
-    results = []
     plan = (
         json.loads(sys.argv[1])
         if len(sys.argv) > 1
@@ -176,8 +179,15 @@ async def main():
             api_ms_per_req=round((after[server.proc.pid] - before[server.proc.pid]) / max(n["n"], 1) * 1000, 2),
         )
         print(json.dumps(row), flush=True)
-        results.append(row)
-    server.stop()
 
 
-asyncio.run(main())
+async def run_and_stop() -> None:
+    try:
+        await main()
+    finally:
+        for server in list(_servers):
+            server.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(run_and_stop())

@@ -18,12 +18,12 @@ completion to raise it again. Background
 preference generations count too (their prompt plus their generation budget, in the same token
 units), since they take the same cores.
 
-Admitted re-rank prompts wait in the service, not in the engine: ``engine_slot`` lets ``slots`` of
-them into the engine at once (2 keeps a CPU engine busy; a prompt alone is a step of its own) and the
-rest queue here in arrival order. A prompt whose turn comes too late to finish inside its deadline then
-gives up (``Late``) before the engine has spent anything on it; an engine fed its whole queue at once
-would have computed part of it only to have it cancelled (measured 2026-12-03: a quarter of the admitted
-re-ranks timed out at concurrency 16, each after taking its share of the engine).
+With ``slots`` (the ``engine_slots`` setting; off by default), admitted re-rank prompts wait in the
+service, not in the engine: ``engine_slot`` lets ``slots`` of them into the engine at once and the rest
+queue here in arrival order; a prompt whose turn comes too late to finish inside its deadline gives up
+(``Late``) before the engine has spent anything on it, where an engine fed its whole queue would compute
+part of it only to have it cancelled. Measured 2026-12-03 with 2 slots (and 512-token engine steps):
+goodput fell at concurrency 4 and 16 (docs/BENCHMARKS.md), so the engine queues everything by default.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Admission:
         self.seeded = self.rate
         self.pending = 0  # tokens of admitted work not finished (waiting here or in the engine)
         self.in_engine = 0  # of which the engine has
-        self.slots = slots  # re-rank prompts in the engine at once (None: no limit, the engine queues them)
+        # re-rank prompts in the engine at once (None: no limit, the engine queues them)
         self._gate = asyncio.Semaphore(slots) if slots else None
         self._sample_start: float | None = None
         self._sample_tokens = 0
