@@ -67,10 +67,10 @@ def serve(
     verbose: Verbose = False,
 ) -> None:
     """Serve POST /rerank on a run directory (settings from DPO4REC_* variables)."""
-    _setup(verbose)
+    apply_env_defaults()  # no console handler: the service writes its own log lines (one per record)
     from service.server import serve as run_server
 
-    run_server(run_dir=run, host=host, port=port)
+    run_server(run_dir=run, host=host, port=port, **({"log_level": "DEBUG"} if verbose else {}))
 
 
 Ray = Annotated[bool, typer.Option("--ray", help="run the chunks on Ray Data actors (RAY_ADDRESS or local Ray)")]

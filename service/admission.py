@@ -18,6 +18,13 @@ completion to raise it again. Background
 preference generations count too (their prompt plus their generation budget, in the same token
 units), since they take the same cores.
 
+``queue_s`` (the ``admission_queue_ms`` setting) bounds the predicted time admitted work may wait behind,
+below the deadline. Under sustained load there is always a new request to admit the moment room opens,
+so admitting up to the deadline keeps the engine's queue at the deadline's edge, where any error in the
+rate makes the newest admission late: its work is computed and thrown away. A queue of about a second keeps
+the engine as busy (the next prompts are already waiting when a step ends) while each admitted prompt keeps
+a margin of the rest of its deadline.
+
 With ``slots`` (the ``engine_slots`` setting; off by default), admitted re-rank prompts wait in the
 service, not in the engine: ``engine_slot`` lets ``slots`` of them into the engine at once and the rest
 queue here in arrival order; a prompt whose turn comes too late to finish inside its deadline gives up
@@ -38,6 +45,30 @@ class Late(Exception):
     """An admitted prompt's turn in the engine came too late for it to finish inside its deadline."""
 
 
+class Ticket:
+    """Tokens of admitted work, counted in ``Admission.pending`` from the moment they are admitted until each
+    part finishes or is given up, so that requests checked in the same instant see each other's work. A
+    context manager: leaving it gives back whatever was not settled (prompts that never ran)."""
+
+    def __init__(self, admission: Admission, tokens: int):
+        self._admission = admission
+        self.tokens = tokens  # not yet settled
+
+    def settle(self, tokens: int) -> None:
+        n = min(tokens, self.tokens)
+        self.tokens -= n
+        self._admission.pending -= n
+
+    def release(self) -> None:
+        self.settle(self.tokens)
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class Admission:
     def __init__(
         self,
@@ -48,6 +79,7 @@ class Admission:
         backoff: float = 0.8,
         floor: float = 0.5,
         slots: int | None = None,
+        queue_s: float | None = None,
     ):
         if rate <= 0:
             raise ValueError(f"the initial rate must be > 0 tokens/s, got {rate}")
@@ -58,8 +90,11 @@ class Admission:
         self.backoff = backoff  # the rate is multiplied by this on each deadline miss ...
         self.floor = floor  # ... down to floor x the measured (seed) rate at most
         self.seeded = self.rate
+        # the most predicted engine time admitted work may wait behind (None: the whole remaining deadline)
+        self.queue_s = queue_s
         self.pending = 0  # tokens of admitted work not finished (waiting here or in the engine)
         self.in_engine = 0  # of which the engine has
+        self._running = 0  # prompts between start and finish (waiting for a slot or in the engine)
         # re-rank prompts in the engine at once (None: no limit, the engine queues them)
         self._gate = asyncio.Semaphore(slots) if slots else None
         self._sample_start: float | None = None
@@ -70,7 +105,18 @@ class Admission:
         return (self.pending + tokens) / self.rate
 
     def admits(self, tokens: int, remaining_s: float) -> bool:
-        return self.predicted_s(tokens) * self.headroom <= remaining_s
+        limit = remaining_s if self.queue_s is None else min(remaining_s, self.queue_s)
+        return self.predicted_s(tokens) * self.headroom <= limit
+
+    def admit(self, tokens: int, remaining_s: float) -> Ticket | None:
+        """Admit work of ``tokens`` if it would finish in time, counting it as pending at once (a check and a
+        count apart would let a burst of requests, checked before any of them is counted, all in); None: shed."""
+        return self.hold(tokens) if self.admits(tokens, remaining_s) else None
+
+    def hold(self, tokens: int) -> Ticket:
+        """Count ``tokens`` as pending now, without a check (background work)."""
+        self.pending += tokens
+        return Ticket(self, tokens)
 
     def seed(self, rate: float) -> None:
         """The rate measured on the idle engine at start: the estimate, and the reference of ``floor``."""
@@ -81,18 +127,20 @@ class Admission:
         self.rate = max(self.rate * self.backoff, self.floor * self.seeded)
 
     @contextmanager
-    def running(self, tokens: int) -> Iterator[None]:
-        """Account for admitted work while it runs; completed work updates the rate, cancelled work does not."""
-        now = time.perf_counter()
-        if self.pending == 0:  # a busy period starts: idle time never enters a rate sample
-            self._sample_start, self._sample_tokens = now, 0
-        self.pending += tokens
+    def running(self, tokens: int, ticket: Ticket | None = None) -> Iterator[None]:
+        """Account for a prompt of ``tokens`` while it runs (part of ``ticket`` when admitted, counted from now
+        otherwise); completed work updates the rate, cancelled work does not."""
+        ticket = ticket or self.hold(tokens)
+        if self._running == 0:  # a busy period starts: idle time never enters a rate sample
+            self._sample_start, self._sample_tokens = time.perf_counter(), 0
+        self._running += 1
         completed = False
         try:
             yield
             completed = True
         finally:
-            self.pending -= tokens
+            self._running -= 1
+            ticket.settle(tokens)
             if completed:
                 self._observe(tokens)
 

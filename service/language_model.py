@@ -27,7 +27,7 @@ from llm.engine import GenerationConfig, agenerate, ascore_labels, engine_alive,
 from llm.labels import Label, candidate_labels
 from llm.prompts import HistoryItem, PromptConfig, preference_messages, render, rerank_messages
 from llm.scoring import ScoringSpec, item_logprobs, rotate, shifts
-from service.admission import Admission, Late
+from service.admission import Admission, Late, Ticket
 from service.telemetry import ServiceMetrics
 
 if TYPE_CHECKING:
@@ -103,15 +103,23 @@ class LanguageModel:
             raise LLMError(f"{job}: no engine was started for this job")
         return engine
 
-    async def _call(self, job: str, request_id: str, coro: Any, tokens: int, deadline: float | None = None) -> Any:
-        """``coro`` (an engine call not yet started) under admission's accounting; a re-rank prompt waits for
-        an engine slot first and raises ``Late`` when its turn comes too late for ``deadline`` (background
-        generations are bounded by ``preference_workers`` instead)."""
+    async def _call(
+        self,
+        job: str,
+        request_id: str,
+        coro: Any,
+        tokens: int,
+        deadline: float | None = None,
+        ticket: Ticket | None = None,
+    ) -> Any:
+        """``coro`` (an engine call not yet started) under admission's accounting (part of ``ticket`` when it
+        was admitted); a re-rank prompt waits for an engine slot first and raises ``Late`` when its turn comes
+        too late for ``deadline`` (background generations are bounded by ``preference_workers`` instead)."""
         gauge = self.metrics.llm_in_flight.labels(job=job)
         gauge.inc()
         started = False
         try:
-            with self.admission.running(tokens):
+            with self.admission.running(tokens, ticket):
                 async with self.admission.engine_slot(tokens, deadline) if job == "rerank" else nullcontext():
                     started = True
                     self.metrics.llm_calls.labels(job=job).inc()
@@ -198,18 +206,20 @@ class LanguageModel:
         scoring: ScoringSpec,
         request_id: str | None = None,
         deadline: float | None = None,
+        ticket: Ticket | None = None,
     ) -> np.ndarray:
         """The LLM's score of each candidate (k,), in their order: label log-probs with the run's label
         prior removed, averaged over the candidate orders (one forward pass each, run concurrently);
         ``llm.scoring`` is the same code training measured with. ``deadline`` (``time.perf_counter()``
-        seconds): a prompt whose engine turn comes too late for it raises ``Late`` (``service.admission``)."""
+        seconds): a prompt whose engine turn comes too late for it raises ``Late`` (``service.admission``).
+        ``ticket``: the tokens admission admitted for these prompts (None: counted as they start)."""
 
         engine = self._engine("rerank")
 
         async def one(prompt: str, tokens: int) -> np.ndarray:
             rid = _engine_request_id(request_id, "rank")
             coro = ascore_labels(engine, prompt, prepared.label_ids, rid, self.loras.get("rerank"))
-            return np.asarray(await self._call("rerank", rid, coro, tokens, deadline), dtype=np.float64)
+            return np.asarray(await self._call("rerank", rid, coro, tokens, deadline, ticket), dtype=np.float64)
 
         per_order = await asyncio.gather(*(one(p, n) for p, n in zip(prepared.prompts, prepared.tokens, strict=True)))
         if not all(np.isfinite(p).any() for p in per_order):

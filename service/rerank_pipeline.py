@@ -24,7 +24,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -215,12 +215,15 @@ class RerankPipeline:
         if budget <= 0:
             degraded.add("llm_timeout")
             return None
-        if self.settings.admission and not self.llm.admission.admits(prepared.total_tokens, budget):
+        ticket = self.llm.admission.admit(prepared.total_tokens, budget) if self.settings.admission else None
+        if self.settings.admission and ticket is None:
             degraded.add("llm_shed")  # it would finish too late: the retriever answers now, no engine work queued
             return None
         try:
-            deadline = time.perf_counter() + budget
-            llm = await asyncio.wait_for(self.llm.score(prepared, self.scoring, request_id, deadline), timeout=budget)
+            with ticket or nullcontext():
+                deadline = time.perf_counter() + budget
+                scoring = self.llm.score(prepared, self.scoring, request_id, deadline, ticket)
+                llm = await asyncio.wait_for(scoring, timeout=budget)
         except (asyncio.TimeoutError, Late):  # out of time in the engine, or while waiting for it
             degraded.add("llm_timeout")
             if self.settings.admission:

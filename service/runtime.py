@@ -178,7 +178,9 @@ async def _start_llm(
         rerank_k=settings.rerank_k or spec.rerank_k,
         loras={job: w.lora for job, w in jobs.items()},
     )
-    llm = LanguageModel(engines, tokenizer, cfg, metrics, Admission(rate=200.0, slots=settings.engine_slots))
+    queue_s = None if settings.admission_queue_ms is None else settings.admission_queue_ms / 1000
+    admission = Admission(rate=200.0, slots=settings.engine_slots, queue_s=queue_s)
+    llm = LanguageModel(engines, tokenizer, cfg, metrics, admission)
     log.info(
         "llm jobs: %s",
         ", ".join(f"{job} on {w.model.name}{' + LoRA ' + w.lora.name if w.lora else ''}" for job, w in jobs.items()),

@@ -23,7 +23,9 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 class Settings(BaseSettings):
     """Everything the service reads from its environment. Times in ms or s as their names say."""
 
-    model_config = SettingsConfigDict(env_prefix="DPO4REC_", env_file=None, extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(
+        env_prefix="DPO4REC_", env_file=None, extra="ignore", validate_default=True, env_parse_none_str="null"
+    )
 
     # ---- artifacts ----------------------------------------------------------------------------------
     run_dir: Path = Field(description="run directory written by `dpo4rec train` (has manifest.json)")
@@ -58,6 +60,12 @@ class Settings(BaseSettings):
     )
     admission_headroom: float = Field(
         1.2, ge=0.1, description="predicted LLM time x this must fit the remaining deadline to be admitted"
+    )
+    admission_queue_ms: int | None = Field(
+        1000,
+        ge=1,
+        description="admitted LLM work waits behind at most this much predicted engine time, however long the "
+        "deadline (None: up to the deadline); a short queue keeps the engine busy and admitted work on time",
     )
     engine_slots: int | None = Field(
         None,

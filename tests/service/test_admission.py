@@ -39,6 +39,36 @@ def test_a_deadline_miss_cuts_the_rate_but_never_below_the_floor() -> None:
     assert a.admits(100, 1.0)
 
 
+def test_a_burst_checked_at_once_is_admitted_only_as_far_as_it_fits() -> None:
+    # requests whose checks come before any of them reaches the engine (a coalesced retrieval releases them
+    # together) each see the tokens admitted before them
+    a = Admission(rate=1000.0, queue_s=1.0, headroom=1.0)
+    tickets = [a.admit(300, 3.0) for _ in range(5)]
+    assert [t is not None for t in tickets] == [True, True, True, False, False]
+    assert a.pending == 900
+    first, second, third = tickets[:3]
+    assert first is not None and second is not None and third is not None
+    with first, a.running(300, first):  # its prompt runs and finishes
+        assert a.pending == 900  # counted once, not again when it starts
+    assert a.pending == 600
+    with second:  # admitted, then given up before its prompt started (e.g. the request's deadline)
+        pass
+    third.release()
+    third.release()  # settling twice gives back nothing twice
+    assert a.pending == 0
+
+
+def test_admitted_work_waits_behind_at_most_the_queue_limit_however_long_the_deadline() -> None:
+    a = Admission(rate=1000.0, queue_s=1.0)
+    with a.running(800):  # 0.8 s of predicted work ahead
+        assert a.admits(200, 3.0)  # finishes 1.0 s from now
+        assert not a.admits(300, 3.0)  # 1.1 s: inside the deadline, beyond the queue limit
+        assert not a.admits(100, 0.5)  # the deadline still binds when it is the shorter
+    unbounded = Admission(rate=1000.0)
+    with unbounded.running(800):
+        assert unbounded.admits(2000, 3.0)  # no limit: up to the deadline
+
+
 def test_a_request_that_cannot_finish_in_time_is_shed_at_once(client, app):
     llm = app.state.service.llm
     assert llm.admission.rate > 0  # measured at start
