@@ -21,9 +21,9 @@ units), since they take the same cores.
 ``queue_s`` (the ``admission_queue_ms`` setting) bounds the predicted time admitted work may wait behind,
 below the deadline. Under sustained load there is always a new request to admit the moment room opens,
 so admitting up to the deadline keeps the engine's queue at the deadline's edge, where any error in the
-rate makes the newest admission late: its work is computed and thrown away. A queue of about a second keeps
-the engine as busy (the next prompts are already waiting when a step ends) while each admitted prompt keeps
-a margin of the rest of its deadline.
+rate makes the newest admission late: its work is computed and thrown away. A queue somewhat shorter than
+the deadline keeps the engine as busy (the next prompts are already waiting when a step ends) while each
+admitted prompt keeps a margin (2 s against a 3 s deadline, measured in docs/BENCHMARKS.md).
 
 With ``slots`` (the ``engine_slots`` setting; off by default), admitted re-rank prompts wait in the
 service, not in the engine: ``engine_slot`` lets ``slots`` of them into the engine at once and the rest

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
         1.2, ge=0.1, description="predicted LLM time x this must fit the remaining deadline to be admitted"
     )
     admission_queue_ms: int | None = Field(
-        1000,
+        2000,
         ge=1,
         description="admitted LLM work waits behind at most this much predicted engine time, however long the "
         "deadline (None: up to the deadline); a short queue keeps the engine busy and admitted work on time",
