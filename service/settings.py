@@ -75,7 +75,7 @@ class Settings(BaseSettings):
         "them). 2 was measured worse at concurrency 4 and 16 (docs/BENCHMARKS.md)",
     )
     fallback_reserve_ms: int = Field(
-        300, ge=0, description="kept from the deadline for the answer without the LLM when its stage gives up"
+        400, ge=0, description="kept from the deadline for the answer without the LLM when its stage gives up"
     )
     new_item_score: Literal["min", "mean", "max"] = Field(
         "mean", description="retriever score of a given new item (text only), from the known candidates' scores"
@@ -130,7 +130,7 @@ class Settings(BaseSettings):
         "None: torch's default (every core, competing with the engine)",
     )
     api_nice: int = Field(
-        10,
+        19,
         ge=0,
         le=19,
         description="niceness added to the API process once the engines run: on shared cores the engine keeps "
