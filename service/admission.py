@@ -23,7 +23,10 @@ below the deadline. Under sustained load there is always a new request to admit 
 so admitting up to the deadline keeps the engine's queue at the deadline's edge, where any error in the
 rate makes the newest admission late: its work is computed and thrown away. A queue somewhat shorter than
 the deadline keeps the engine as busy (the next prompts are already waiting when a step ends) while each
-admitted prompt keeps a margin (2 s against a 3 s deadline, measured in docs/BENCHMARKS.md).
+admitted prompt keeps a margin (2 s against a 3 s deadline, measured in docs/DECISIONS.md).
+
+``admit`` counts the tokens it admits at once (a ``Ticket``): requests checked in the same instant, as a
+coalesced retrieval releases them, each see the work admitted before them.
 
 With ``slots`` (the ``engine_slots`` setting; off by default), admitted re-rank prompts wait in the
 service, not in the engine: ``engine_slot`` lets ``slots`` of them into the engine at once and the rest
