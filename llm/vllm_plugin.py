@@ -28,16 +28,16 @@ def register() -> None:
         set_ipc_busy_loop(float(value))
 
 
-def set_ipc_busy_loop(seconds: float) -> bool:
-    """The default poll time of vLLM's shared-memory queue readers; False where this vLLM has none."""
+def set_ipc_busy_loop(seconds: float) -> None:
+    """The default poll time of vLLM's shared-memory queue readers (a warning where this vLLM has none)."""
     try:
         from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
     except ImportError:
-        return False
+        log.warning("this vLLM has no SpinCondition: %s not applied", ENV_IPC_BUSY_LOOP_S)
+        return
     init = SpinCondition.__init__
     code, defaults = init.__code__, init.__defaults__
     if not defaults or code.co_varnames[code.co_argcount - 1] != "busy_loop_s":
         log.warning("this vLLM's SpinCondition has no busy_loop_s default: %s not applied", ENV_IPC_BUSY_LOOP_S)
-        return False
+        return
     init.__defaults__ = (*defaults[:-1], float(seconds))
-    return True

@@ -26,8 +26,6 @@ class Coalescer(Generic[T]):
         self.max_batch = max_batch
         self._waiting: list[tuple[T, asyncio.Future[np.ndarray]]] = []
         self._runner: asyncio.Task[None] | None = None
-        self.batches = 0  # calls of fn, and the items they carried: their ratio is the mean batch
-        self.items = 0
 
     async def __call__(self, item: T) -> np.ndarray:
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
@@ -42,8 +40,6 @@ class Coalescer(Generic[T]):
             batch = [(item, f) for item, f in batch if not f.done()]  # a cancelled caller no longer waits
             if not batch:
                 continue
-            self.batches += 1
-            self.items += len(batch)
             try:
                 rows = await asyncio.to_thread(self.fn, [item for item, _ in batch])
             except Exception as e:  # every caller of this batch sees the error

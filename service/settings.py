@@ -147,7 +147,7 @@ class Settings(BaseSettings):
         ge=0,
         description="how long vLLM's engine core polls for its worker's answer before it sleeps (llm.vllm_plugin; "
         "None: vLLM's 1 s, which polls through every CPU step on the worker's cores). 0 frees ~25 % of a core "
-        "under load; not yet measured to raise goodput (docs/BENCHMARKS.md)",
+        "under load, measured without a goodput gain (docs/DECISIONS.md)",
     )
     preference_max_tokens: int | None = Field(
         None, ge=1, description="generation length of a preference; None = llm.json's"
