@@ -24,7 +24,11 @@ phases never overlap, so they do not share the CPU):
    concurrency 1 = end-to-end / bare engine), and at concurrency 4 and 16 (distinct prompts per level, so
    the prefix cache does not flatter a level). The bare engine's **capacity** is its best scored prompts/s
    there, and goodput is reported as a ratio to it, and to the best rate of a level whose p99 fits the
-   deadline (a batch that answers after the deadline is no capacity for on-time answers).
+   deadline (a batch that answers after the deadline is no capacity for on-time answers);
+5. starts the service again and answers the same requests of the levels in ``--repeat`` (1 and 16): the
+   machine's speed drifts over minutes, so a ratio between the service and the bare engine minutes apart
+   reads the drift too. Phases before and after the bare engine (A-B-A) give each ratio twice; their mean
+   (``bracketed``) cancels a steady drift, and the two values show how far it moved.
 
 A run that chose fusion weight 0 never calls the LLM; ``--fusion-weight`` sets ``DPO4REC_FUSION_WEIGHT``
 so the LLM path is measured anyway. Every loop is bounded in requests and time; traffic goes to
@@ -513,12 +517,17 @@ async def wait_for_generations(client: Any, timeout_s: float) -> float:
     return time.perf_counter() - start
 
 
-async def service_phase(args: argparse.Namespace, run: Path, k: int, report: dict[str, Any]) -> dict[str, Any]:
+async def service_phase(
+    args: argparse.Namespace, run: Path, k: int, report: dict[str, Any], replay: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The service's levels (and the cache pairs); with ``replay`` (a first phase's ``payloads``), a fresh
+    service answers the same requests again at the levels of ``args.repeat``, without the cache pairs."""
     import httpx
 
     stream = UserStream(run)
-    out: dict[str, Any] = {"levels": [], "samples": {}, "distinct_users": len(stream.users)}
+    out: dict[str, Any] = {"levels": [], "samples": {}, "payloads": {}, "distinct_users": len(stream.users)}
     print(f"[users] {len(stream.users)} known users with a stored preference", flush=True)
+    tag = " (again)" if replay is not None else ""
 
     def payload(user: str, history: list[str] | None = None) -> dict[str, Any]:
         # top_n = K: the response then holds exactly the re-ranked head, so the prompt can be rebuilt
@@ -539,9 +548,11 @@ async def service_phase(args: argparse.Namespace, run: Path, k: int, report: dic
             print(f"[service] ready after {out['startup_s']:.1f} s", flush=True)
             report["load"].append(load_now("service ready"))
 
+            warm_payloads = replay["warmup"] if replay is not None else [next_payload() for _ in range(args.warmup)]
+            out["payloads"]["warmup"] = warm_payloads
             warm = await run_level(
                 client,
-                [next_payload() for _ in range(args.warmup)],
+                warm_payloads,
                 1,
                 args.level_timeout_s,
                 args.request_timeout_s,
@@ -551,14 +562,18 @@ async def service_phase(args: argparse.Namespace, run: Path, k: int, report: dic
             out["samples"]["warmup"] = warm["samples"]
 
             for concurrency, n in zip(args.concurrency, args.requests, strict=True):
-                payloads = [next_payload() for _ in range(n)]
-                print(f"[level] concurrency {concurrency}: {args.level_seconds:.0f} s ...", flush=True)
+                if replay is not None and concurrency not in args.repeat:
+                    continue
+                payloads = replay[f"c{concurrency}"] if replay is not None else [next_payload() for _ in range(n)]
+                out["payloads"][f"c{concurrency}"] = payloads
+                print(f"[level{tag}] concurrency {concurrency}: {args.level_seconds:.0f} s ...", flush=True)
                 level = await run_level(
                     client, payloads, concurrency, args.level_seconds, args.request_timeout_s, args.deadline_ms
                 )
                 s = level["summary"]
                 print(
-                    f"[level] concurrency {concurrency}: {s['ok']}/{s['sent']} ok, p50 {s['latency_ms']['p50']:.0f} ms,"
+                    f"[level{tag}] concurrency {concurrency}: {s['ok']}/{s['sent']} ok,"
+                    f" p50 {s['latency_ms']['p50']:.0f} ms,"
                     f" p99 {s['latency_ms']['p99']:.0f} ms, {s['throughput_rps']:.2f} req/s, goodput"
                     f" {s['goodput_rps']:.3f}/s, shed {s['shed_fraction']:.0%}, timeout {s['timeout_fraction']:.0%},"
                     f" prefix hits {s['engine']['prefix_hit_rate'] or 0:.0%}",
@@ -566,7 +581,9 @@ async def service_phase(args: argparse.Namespace, run: Path, k: int, report: dic
                 )
                 out["levels"].append(s)
                 out["samples"][f"c{concurrency}"] = level["samples"]
-                report["load"].append(load_now(f"after concurrency {concurrency}"))
+                report["load"].append(load_now(f"after concurrency {concurrency}{tag}"))
+            if replay is not None:
+                return out
 
             # preference cache: a new user's first request (miss: the history stand-in, the LLM text generated in
             # the background), then, once that generation is done, the same user again (hit: the cached text)
@@ -622,13 +639,15 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"\nservice at deadline {deadline} ms; latency of all answers (ms)")
     head = f"{'concurrency':>11}{'n':>5}{'p50':>8}{'p95':>8}{'p99':>8}{'req/s':>8}{'goodput/s':>10}{'vs cap':>8}"
     print(head + f"{'vs fit':>8}{'shed':>7}{'timeout':>8}{'tokens':>8}{'prefix hit':>11}")
-    for s in svc["levels"]:
+    again = report.get("service_repeat", {}).get("levels", [])
+    for s in [*svc["levels"], *again]:
         ratios = [s.get("goodput_vs_capacity"), s.get("goodput_vs_capacity_within_deadline")]
         vs_cap, vs_fit = (f"{r:.2f}" if r is not None else "-" for r in ratios)
         hit = s["engine"]["prefix_hit_rate"]
         hits = f"{hit:.0%}" if hit is not None else "-"
+        name = f"{s['concurrency']}" + (" again" if s in again else "")
         print(
-            f"{s['concurrency']:>11}{s['ok']:>5}{_ms(s['latency_ms'])}{s['throughput_rps']:>8.2f}"
+            f"{name:>11}{s['ok']:>5}{_ms(s['latency_ms'])}{s['throughput_rps']:>8.2f}"
             f"{s['goodput_rps']:>10.3f}{vs_cap:>8}{vs_fit:>8}{s['shed_fraction']:>7.0%}{s['timeout_fraction']:>8.0%}"
             f"{s['prompt_tokens_per_scored']:>8.0f}{hits:>11}"
         )
@@ -648,13 +667,17 @@ def print_table(report: dict[str, Any]) -> None:
             f"bare engine capacity: {bare['capacity_prompts_per_s']:.3f} scored prompts/s at its best batch; "
             f"{within if within is None else f'{within:.3f}'} at the best level whose p99 fits the deadline"
         )
-    ratio = report.get("overhead")
-    if ratio:
-        print(
-            f"end-to-end / bare engine at concurrency 1: median of per-request ratios {ratio['median_ratio']:.3f}, "
-            f"ratio of means {ratio['ratio_of_means']:.3f} (target <= 1.10); rerank stage / bare: "
-            f"{ratio['rerank_stage_ratio_of_means']:.3f}"
-        )
+    for name, when in (("overhead", "before"), ("overhead_repeat", "after")):
+        ratio = report.get(name)
+        if ratio:
+            print(
+                f"end-to-end / bare engine at concurrency 1, service {when} the bare engine: median of per-request"
+                f" ratios {ratio['median_ratio']:.3f}, ratio of means {ratio['ratio_of_means']:.3f} (target <= 1.10);"
+                f" rerank stage / bare: {ratio['rerank_stage_ratio_of_means']:.3f}"
+            )
+    if report.get("bracketed"):
+        both = ", ".join(f"{k} {v:.3f}" for k, v in report["bracketed"].items())
+        print(f"mean of the service phases before and after the bare engine: {both}")
     loads = " | ".join(f"{e['when']}: {e['loadavg'][0]:.2f}" for e in report["load"])
     print(f"load average (1 min): {loads}")
 
@@ -699,7 +722,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     samples = report["service"]["samples"]
     c1_key = f"c{args.concurrency[0]}"
     warm_jobs = [j for s in samples["warmup"] if s.ok and (j := builder.job(s)) is not None]
-    single_jobs = [j for s in samples[c1_key] if s.ok and (j := builder.job(s)) is not None]
+    single_src = [(s, j) for s in samples[c1_key] if s.ok and (j := builder.job(s)) is not None]
+    single_jobs = [j for _, j in single_src]
     batch_src = [s for level in args.concurrency[1:] for s in samples[f"c{level}"]][: args.bare_concurrent_requests]
     batch_jobs = [j for s in batch_src if s.ok and (j := builder.job(s)) is not None]
     weights = served_jobs(settings, spec, model_dir).get("rerank")
@@ -730,36 +754,82 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     per_request = bare["single"]["per_request_ms"]
     pairs = list(zip(single_jobs, per_request, strict=False))
     if pairs:
-        ratios = [job.service_ms / ms for job, ms in pairs]
-        report["overhead"] = {
-            "n": len(pairs),
-            "median_ratio": statistics.median(ratios),
-            "ratio_of_means": statistics.fmean(j.service_ms for j, _ in pairs)
-            / statistics.fmean(ms for _, ms in pairs),
-            "rerank_stage_ratio_of_means": statistics.fmean(j.service_rerank_ms for j, _ in pairs)
-            / statistics.fmean(ms for _, ms in pairs),
-            "per_request": [
-                {
-                    "user_id": j.user_id,
-                    "service_ms": j.service_ms,
-                    "rerank_stage_ms": j.service_rerank_ms,
-                    "bare_ms": ms,
-                }
-                for j, ms in pairs
-            ],
-        }
+        report["overhead"] = overhead([(j.user_id, j.service_ms, j.service_rerank_ms, ms) for j, ms in pairs])
+
+    # ---- the service again, after the bare engine: the machine's speed drifts over minutes, and a ratio of
+    # two phases minutes apart reads that drift; the mean of the phases before and after the bare engine
+    # cancels a steady drift (an A-B-A design)
+    if not args.repeat:
+        return report
+    first = report["service"]
+    replay = {name: first["payloads"][name] for name in ["warmup", *(f"c{c}" for c in args.repeat)]}
+    again = await service_phase(args, run, k, report, replay=replay)
+    report["service_repeat"] = again
+    for level in again["levels"]:
+        level["goodput_vs_capacity"] = level["goodput_rps"] * orders / capacity if capacity else None
+        level["goodput_vs_capacity_within_deadline"] = level["goodput_rps"] * orders / within if within else None
+    if pairs and c1_key in again["samples"]:
+        # the same requests, so the same prompts: pair each with its bare-engine time by user and history
+        def key(user_id: str, history: list[str] | None) -> tuple[str, tuple[str, ...]]:
+            return user_id, tuple(history or ())
+
+        bare_ms = {key(s.user_id, s.history): ms for (s, _), ms in zip(single_src, per_request, strict=False)}
+        rows = [
+            (s.user_id, s.latency_ms, s.timings_ms.get("rerank", float("nan")), bare_ms[key(s.user_id, s.history)])
+            for s in again["samples"][c1_key]
+            if s.ok and key(s.user_id, s.history) in bare_ms
+        ]
+        if rows:
+            report["overhead_repeat"] = overhead(rows)
+    report["bracketed"] = bracketed(report)
     return report
+
+
+def overhead(rows: list[tuple[str, float, float, float]]) -> dict[str, Any]:
+    """End-to-end / bare engine on the same prompts: rows of (user, service ms, rerank stage ms, bare ms)."""
+    return {
+        "n": len(rows),
+        "median_ratio": statistics.median(svc / ms for _, svc, _, ms in rows),
+        "ratio_of_means": statistics.fmean(r[1] for r in rows) / statistics.fmean(r[3] for r in rows),
+        "rerank_stage_ratio_of_means": statistics.fmean(r[2] for r in rows) / statistics.fmean(r[3] for r in rows),
+        "per_request": [
+            {"user_id": u, "service_ms": svc, "rerank_stage_ms": stage, "bare_ms": ms} for u, svc, stage, ms in rows
+        ],
+    }
+
+
+def bracketed(report: dict[str, Any]) -> dict[str, Any]:
+    """Mean of the service phases before and after the bare engine: the overhead at concurrency 1 (ratio of
+    means) and goodput / capacity at each repeated level."""
+    out: dict[str, Any] = {}
+    pair = [report.get("overhead"), report.get("overhead_repeat")]
+    if all(pair):
+        out["overhead_ratio_of_means"] = statistics.fmean(o["ratio_of_means"] for o in pair)  # type: ignore[index]
+    before = {lv["concurrency"]: lv for lv in report["service"]["levels"]}
+    for lv in report["service_repeat"]["levels"]:
+        c = lv["concurrency"]
+        ratios = [before[c].get("goodput_vs_capacity"), lv.get("goodput_vs_capacity")]
+        if c in before and None not in ratios:
+            out[f"c{c}_goodput_vs_capacity"] = statistics.fmean(ratios)
+            out[f"c{c}_goodput_rps"] = statistics.fmean([before[c]["goodput_rps"], lv["goodput_rps"]])
+            out[f"c{c}_p99_ms"] = max(before[c]["latency_ms"]["p99"], lv["latency_ms"]["p99"])
+    return out
 
 
 SAMPLES_KEPT = 100  # per level in the JSON: a 30 s level at concurrency 32 answers thousands of requests
 
 
 def trim_samples(report: dict[str, Any], keep: int) -> None:
-    """Keep the first ``keep`` samples of each level in the summary (the summaries cover them all)."""
-    samples = report["service"]["samples"]
-    report["service"]["samples_answered"] = {name: len(group) for name, group in samples.items()}
-    for name, group in samples.items():
-        samples[name] = group[:keep]
+    """Keep the first ``keep`` samples of each level in the summary (the summaries cover them all), and
+    none of the payloads (the samples name their users and histories)."""
+    for phase in ("service", "service_repeat"):
+        if phase not in report:
+            continue
+        samples = report[phase]["samples"]
+        report[phase].pop("payloads", None)
+        report[phase]["samples_answered"] = {name: len(group) for name, group in samples.items()}
+        for name, group in samples.items():
+            samples[name] = group[:keep]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -791,6 +861,12 @@ def main() -> None:
     )
     parser.add_argument("--bare-concurrency", type=parse_ints, default=[4, 16], help="bare engine levels")
     parser.add_argument("--warmup", type=int, default=4, help="requests before the first level (not counted)")
+    parser.add_argument(
+        "--repeat",
+        type=parse_ints,
+        default=[1, 16],
+        help="levels answered again by a fresh service after the bare engine, to bracket drift (empty: none)",
+    )
     parser.add_argument("--miss-users", type=int, default=5, help="new users for the cache miss/hit pairs")
     parser.add_argument(
         "--bare-concurrent-requests", type=int, default=64, help="prompts for the bare engine's concurrent levels"
@@ -802,6 +878,8 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.concurrency) != len(args.requests) or not args.concurrency:
         parser.error("--concurrency and --requests need the same number of values")
+    if not set(args.repeat) <= set(args.concurrency):
+        parser.error("--repeat names levels of --concurrency only")
 
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)

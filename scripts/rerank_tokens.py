@@ -8,6 +8,12 @@ NDCG@10 of the LLM order alone, of the fused order at the best weight of ``reran
 retriever. Validation users only (the test items are never read). The adapter was trained at the run's
 setting; the other settings show what a prompt of that shape costs and what the same model does with it.
 
+``--stand-in-chars``: rows for the service's cache-miss path, where a user has no generated preference yet
+and the history-text stand-in (``llm.prompts.history_text`` of the user's training items, encoded by the
+run's encoder) is both the retriever's preference and the prompt's, cut to each length tried (0: the
+prompt says "(unknown)"; the retriever still reads the whole stand-in). These rows keep the label prior of
+the run's setting, as the service does for a miss.
+
     python -m scripts.rerank_tokens runs/small3 --config small --out benchmarks/results/rerank_tokens.json
 """
 
@@ -26,9 +32,10 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import typer  # noqa: E402
 
-from llm.prompts import render  # noqa: E402
+from llm.prompts import history_text, render  # noqa: E402
 from llm.scoring import ScoringSpec, estimate_prior, fused_scores, item_logprobs, order, shifts  # noqa: E402
 from llm.weights import merge_adapter  # noqa: E402
+from rundir.items import prompt_items  # noqa: E402
 from rundir.reader import load_llm_spec  # noqa: E402
 from scripts.run_state import stage_inputs  # noqa: E402
 from training import ranking_metrics as M  # noqa: E402
@@ -37,6 +44,11 @@ from training.rerank_training import rerank_lists  # noqa: E402
 from training.stages import prompt_config  # noqa: E402
 
 app = typer.Typer(add_completion=False)
+GENERATED, STAND_IN = "generated", "stand-in"  # the prompt's preference: the run's LLM text, or a miss's stand-in
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
 
 
 def _ndcg10(ranks: list[int]) -> float:
@@ -69,6 +81,9 @@ def main(
     ks: str = typer.Option("5,10,20", help="K values tried (recent and preference at the run's)"),
     recents: str = typer.Option("0,8", help="recent-item counts tried (K and preference at the run's)"),
     preference_chars: str = typer.Option("100", help="preference lengths tried (K and recent at the run's)"),
+    stand_in_chars: str = typer.Option(
+        "", help="cache-miss rows: stand-in lengths in the prompt, e.g. 300,150,0 (K and recent at the run's)"
+    ),
     out: Path = typer.Option(Path("benchmarks/results/rerank_tokens.json"), help="JSON summary"),
 ) -> None:
     run_inp, served, tokenizer = stage_inputs(run, config)
@@ -78,26 +93,43 @@ def main(
     if rerank_adapter is None:
         raise typer.BadParameter(f"{run} has no re-rank adapter")
 
-    base = (rc.k, rc.recent_items, rc.preference_chars)
+    base = (rc.k, rc.recent_items, rc.preference_chars, GENERATED)
     settings = [base]
-    settings += [(int(k), base[1], base[2]) for k in ks.split(",") if int(k) != base[0]]
-    settings += [(base[0], int(r), base[2]) for r in recents.split(",") if int(r) != base[1]]
-    settings += [(base[0], base[1], int(c)) for c in preference_chars.split(",") if int(c) != base[2]]
-    depth = max(10, *(k for k, _, _ in settings))  # the retriever's validation rank, to depth 10 at least
+    settings += [(int(k), base[1], base[2], GENERATED) for k in _ints(ks) if k != base[0]]
+    settings += [(base[0], r, base[2], GENERATED) for r in _ints(recents) if r != base[1]]
+    settings += [(base[0], base[1], c, GENERATED) for c in _ints(preference_chars) if c != base[2]]
+    settings += [(base[0], base[1], c, STAND_IN) for c in _ints(stand_in_chars)]
+    depth = max(10, *(k for k, *_ in settings))  # the retriever's validation rank, to depth 10 at least
 
-    def lists_for(k: int, recent: int, chars: int):  # type: ignore[no-untyped-def]
+    # the cache-miss path: the stand-in is the retriever's preference (whole) and the prompt's (cut)
+    missed = served
+    if any(source == STAND_IN for *_, source in settings):
+        items = {u: prompt_items(run_inp.catalog, run_inp.split.users[u].train) for u in run_inp.users}
+        stand_in = {u: history_text(items[u], prompt_config(cfg)) for u in run_inp.users}
+        vectors = run_inp.encoder.encode([stand_in[u] for u in run_inp.users], progress=True)
+        missed = dataclasses.replace(served, texts=stand_in, vectors=vectors)
+
+    def lists_for(k: int, recent: int, chars: int, source: str):  # type: ignore[no-untyped-def]
         """The job's lists, and the prompt settings, at one setting."""
-        c = dataclasses.replace(cfg, rerank=dataclasses.replace(rc, k=k, recent_items=recent, preference_chars=chars))
-        lists = rerank_lists(dataclasses.replace(run_inp, cfg=c), tokenizer, served)
+        cut = max(chars, 16)  # a stand-in cut to 0 is sent as no text at all (the prompt says "(unknown)")
+        c = dataclasses.replace(cfg, rerank=dataclasses.replace(rc, k=k, recent_items=recent, preference_chars=cut))
+        out = served
+        if source == STAND_IN:
+            out = missed if chars else dataclasses.replace(missed, texts={u: "" for u in run_inp.users})
+        lists = rerank_lists(dataclasses.replace(run_inp, cfg=c), tokenizer, out)
         return lists, prompt_config(c)
 
-    # the retriever's validation rank of every user (the K-independent baseline), to `depth`
-    deep = lists_for(depth, base[1], base[2])[0].valid
-    retriever_rank = {e.user_id: (e.target_position if e.target_position is not None else depth) for e in deep}
+    # the retriever's validation rank of every user (the K-independent baseline), to `depth`, per source
+    retriever_rank = {}
+    for source in {s for *_, s in settings}:
+        deep = lists_for(depth, base[1], base[2], source)[0].valid
+        retriever_rank[source] = {
+            e.user_id: (e.target_position if e.target_position is not None else depth) for e in deep
+        }
 
     jobs, plans = [], []
-    for k, recent, chars in settings:
-        lists, pcfg = lists_for(k, recent, chars)
+    for k, recent, chars, source in settings:
+        lists, pcfg = lists_for(k, recent, chars, source)
         valid = [e for e in lists.valid if e.target_position is not None]
         cal_shifts = shifts(k, min(rc.calibration_shifts or k, k))
         prompts, ids = [], []
@@ -110,7 +142,7 @@ def main(
         ids += [[t for _, t in e.labels] for e in valid]
         jobs.append({"kind": "score", "prompts": prompts, "label_ids": ids})
         tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts[n_cal:]]
-        plans.append((k, recent, chars, lists.valid, valid, n_cal, len(cal_shifts), tokens))
+        plans.append((k, recent, chars, source, lists.valid, valid, n_cal, len(cal_shifts), tokens))
 
     with tempfile.TemporaryDirectory() as tmp:
         merged = merge_adapter(model_dir, rerank_adapter, Path(tmp) / "merged", dtype="float32")
@@ -119,23 +151,28 @@ def main(
         seconds = time.perf_counter() - started
 
     rows = []
-    for (k, recent, chars, every, valid, n_cal, n_shifts, tokens), raw in zip(plans, scores, strict=True):
+    priors: dict[int, tuple[float, ...]] = {}  # per K, the prior of the run's setting (a miss keeps it)
+    for (k, recent, chars, source, every, valid, n_cal, n_shifts, tokens), raw in zip(plans, scores, strict=True):
         calibration = [raw[i : i + n_shifts] for i in range(0, n_cal, n_shifts)]
-        spec = ScoringSpec(weight=None, log_prior=tuple(estimate_prior(calibration)), permutations=1)
+        prior = tuple(estimate_prior(calibration))
+        if source == GENERATED and (recent, chars) == base[1:3]:
+            priors[k] = prior
+        spec = ScoringSpec(weight=None, log_prior=priors[k] if source == STAND_IN else prior, permutations=1)
         llm_scores = [item_logprobs([s], [0], spec) for s in raw[n_cal:]]
         position = {e.user_id: i for i, e in enumerate(valid)}
 
-        args = (every, position, llm_scores, retriever_rank)
+        args = (every, position, llm_scores, retriever_rank[source])
         curve = {w: _ndcg10(_ranks(*args, w)) for w in rc.fusion_weights}
         best = max(curve.values())
         row = {
             "k": k,
             "recent_items": recent,
             "preference_chars": chars,
+            "preference": source,
             "prompt_tokens_mean": float(np.mean(tokens)) if tokens else None,
             "scored_lists": len(valid),
             "valid_users": len(every),
-            "ndcg10_retriever": _ndcg10([retriever_rank[e.user_id] for e in every]),
+            "ndcg10_retriever": _ndcg10([retriever_rank[source][e.user_id] for e in every]),
             "ndcg10_llm_alone": _ndcg10(_ranks(*args, None)),
             "ndcg10_fused_best": best,
             "best_weight": min(w for w, v in curve.items() if v >= best - 1e-12),
@@ -143,11 +180,12 @@ def main(
         }
         rows.append(row)
         print(json.dumps(row))
-    print(f"\n{'K':>3}{'recent':>7}{'chars':>6}{'tokens':>8}{'lists':>6}{'retriever':>10}{'LLM alone':>10}", end="")
+    head = f"{'K':>3}{'recent':>7}{'chars':>6}{'text':>10}{'tokens':>8}{'lists':>6}{'retriever':>10}{'LLM alone':>10}"
+    print(f"\n{head}", end="")
     print(f"{'fused':>8}{'w':>5}")
     for r in rows:
         print(
-            f"{r['k']:>3}{r['recent_items']:>7}{r['preference_chars']:>6}{r['prompt_tokens_mean']:>8.0f}"
+            f"{r['k']:>3}{r['recent_items']:>7}{r['preference_chars']:>6}{r['preference']:>10}{r['prompt_tokens_mean']:>8.0f}"
             f"{r['scored_lists']:>6}{r['ndcg10_retriever']:>10.4f}{r['ndcg10_llm_alone']:>10.4f}"
             f"{r['ndcg10_fused_best']:>8.4f}{r['best_weight']:>5g}"
         )

@@ -14,6 +14,7 @@ or one engine with vLLM multi-LoRA, ``loras``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from contextlib import nullcontext
@@ -186,16 +187,25 @@ class LanguageModel:
         return str(texts[0]).strip()
 
     def rerank_prompts(
-        self, preference: str, recent: list[HistoryItem], candidates: list[HistoryItem], scoring: ScoringSpec
+        self,
+        preference: str,
+        recent: list[HistoryItem],
+        candidates: list[HistoryItem],
+        scoring: ScoringSpec,
+        preference_chars: int | None = None,
     ) -> RerankPrompts:
-        """The prompts one re-rank sends: one per candidate order (``scoring.permutations``), with their tokens."""
+        """The prompts one re-rank sends: one per candidate order (``scoring.permutations``), with their tokens.
+        ``preference_chars``: cut the preference shorter than the run's ``max_preference_chars`` (a stand-in)."""
         labels = self.labels[: len(candidates)]
         if len(labels) < len(candidates):
             raise LLMError(f"only {len(self.labels)} labels prepared for {len(candidates)} candidates")
         texts = [text for text, _ in labels]
         orders = shifts(len(candidates), min(scoring.permutations, len(candidates)))
+        cfg = self.cfg.prompt
+        if preference_chars is not None and preference_chars < cfg.max_preference_chars:
+            cfg = dataclasses.replace(cfg, max_preference_chars=preference_chars)
         prompts = [
-            render(self.tokenizer, rerank_messages(preference, recent, rotate(candidates, s), texts, self.cfg.prompt))
+            render(self.tokenizer, rerank_messages(preference, recent, rotate(candidates, s), texts, cfg))
             for s in orders
         ]
         return RerankPrompts(prompts, orders, [i for _, i in labels], [self.tokens(p) for p in prompts])

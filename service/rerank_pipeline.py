@@ -193,8 +193,10 @@ class RerankPipeline:
         clock: _Clock,
         request_id: str,
         degraded: set[str],
+        stand_in: bool = False,
     ) -> np.ndarray | None:
-        """Probabilities (K,) of the first K candidates under the fused score, or None (incoming order)."""
+        """Probabilities (K,) of the first K candidates under the fused score, or None (incoming order).
+        ``stand_in``: ``preference`` is a miss's history stand-in, cut to ``stand_in_prompt_chars``."""
         if self.llm is None:
             degraded.add("llm_disabled")
             return None
@@ -205,7 +207,8 @@ class RerankPipeline:
             return None  # one candidate: nothing to re-rank
         recent = self._items(history[-self.llm.cfg.prompt.max_recent :]) if self.llm.cfg.prompt.max_recent else []
         try:
-            prepared = self.llm.rerank_prompts(preference, recent, [c.text for c in head], self.scoring)
+            cut = self.settings.stand_in_prompt_chars if stand_in else None
+            prepared = self.llm.rerank_prompts(preference, recent, [c.text for c in head], self.scoring, cut)
         except LLMError as e:
             log.warning("re-rank prompts failed: %s", e)
             degraded.add("llm_unavailable")
@@ -269,8 +272,9 @@ class RerankPipeline:
 
         with clock.stage("rerank", self.metrics):
             try:
+                stand_in = resolved.source == "history"
                 probabilities = await self._rerank(
-                    text, history, candidates, retriever_scores, clock, request_id, degraded
+                    text, history, candidates, retriever_scores, clock, request_id, degraded, stand_in
                 )
             finally:
                 resolved.release()  # a background generation this request caused may start now

@@ -29,6 +29,29 @@ def test_cache_miss_then_hit_for_a_new_user(client, app):
     assert metric(app, GENERATIONS, outcome="ok") == generated + 1
 
 
+def test_a_miss_prompt_cuts_the_stand_in_the_retriever_reads_whole(client, app):
+    state = app.state.service
+    pipeline, llm = state.pipeline, state.llm
+    k = pipeline.rerank_k
+    body = {"user_id": "new-cut-1", "history": HISTORY, "explain": True, "top_n": k}
+    cut = 40  # shorter than the stand-in of five history lines
+    old, pipeline.settings.stand_in_prompt_chars = pipeline.settings.stand_in_prompt_chars, cut
+    try:
+        first = client.post("/rerank", json=body).json()
+    finally:
+        pipeline.settings.stand_in_prompt_chars = old
+    assert first["preference_source"] == "history" and len(first["preference"]) > cut  # explain: the whole text
+    # the prompt the engine scored, rebuilt: the stand-in cut to `cut` characters
+    catalog = state.artifacts.catalog
+    head = sorted((r for r in first["results"] if r["index"] < k), key=lambda r: r["index"])
+    items = pipeline._items([catalog.index_of(r["item_id"]) for r in head])
+    recent = pipeline._items(catalog.indices_of(HISTORY[-llm.cfg.prompt.max_recent :]))
+    whole = llm.rerank_prompts(first["preference"], recent, items, pipeline.scoring)
+    shown = llm.rerank_prompts(first["preference"], recent, items, pipeline.scoring, cut)
+    assert first["prompt_tokens"] == shown.total_tokens < whole.total_tokens
+    assert _wait_for(lambda: _cached(client, body)), "its background generation done before the next test counts"
+
+
 def _cached(client, body):
     answer = client.post("/rerank", json=body).json()
     return answer if answer["preference_source"] == "cache" else None
