@@ -537,7 +537,7 @@ async def service_phase(
     def next_payload() -> dict[str, Any]:
         return payload(*stream.next())
 
-    server = Server(run, args.port or free_port(), args.out.with_suffix(".server.log"))
+    server = Server(run, args.port or free_port(), args.out.with_suffix(".again.server.log" if tag else ".server.log"))
     limits = httpx.Limits(
         max_connections=max(args.concurrency) + 4, max_keepalive_connections=max(args.concurrency) + 4
     )

@@ -51,8 +51,12 @@ def _ints(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 
 
+def _per_user(ranks: list[int]) -> np.ndarray:
+    return M.per_user(np.array(ranks), ks=(10,))["NDCG@10"]
+
+
 def _ndcg10(ranks: list[int]) -> float:
-    return float(M.per_user(np.array(ranks), ks=(10,))["NDCG@10"].mean())
+    return float(_per_user(ranks).mean())
 
 
 def _ranks(
@@ -151,6 +155,7 @@ def main(
         seconds = time.perf_counter() - started
 
     rows = []
+    first: dict[str, dict[str, np.ndarray]] = {}  # per source, its first row's per-user NDCG@10
     priors: dict[int, tuple[float, ...]] = {}  # per K, the prior of the run's setting (a miss keeps it)
     for (k, recent, chars, source, every, valid, n_cal, n_shifts, tokens), raw in zip(plans, scores, strict=True):
         calibration = [raw[i : i + n_shifts] for i in range(0, n_cal, n_shifts)]
@@ -178,6 +183,15 @@ def main(
             "best_weight": min(w for w, v in curve.items() if v >= best - 1e-12),
             "fusion_curve": {str(w): round(v, 6) for w, v in curve.items()},
         }
+        # paired over the validation users: each row against the first row of its source (the run's setting)
+        per_user = {"llm_alone": _per_user(_ranks(*args, None))}
+        per_user |= {f"fused_w{w:g}": _per_user(_ranks(*args, w)) for w in rc.fusion_weights}
+        if source in first:
+            row["vs_first_of_source"] = {
+                name: M.bootstrap_diff(values, first[source][name]) for name, values in per_user.items()
+            }
+        else:
+            first[source] = per_user
         rows.append(row)
         print(json.dumps(row))
     head = f"{'K':>3}{'recent':>7}{'chars':>6}{'text':>10}{'tokens':>8}{'lists':>6}{'retriever':>10}{'LLM alone':>10}"
