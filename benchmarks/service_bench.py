@@ -50,7 +50,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.support import ENV_DEFAULTS, Server, free_port, load_now, machine
+from benchmarks.support import ENV_DEFAULTS, Server, free_port, load_now, machine, steal_between
 
 ENGINE_GAUGE = "dpo4rec_engine_unfinished_requests"
 
@@ -680,6 +680,13 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"mean of the service phases before and after the bare engine: {both}")
     loads = " | ".join(f"{e['when']}: {e['loadavg'][0]:.2f}" for e in report["load"])
     print(f"load average (1 min): {loads}")
+    marks = report["load"]
+    steal = [
+        (b["when"], steal_between(a.get("cpu_ticks", {}), b.get("cpu_ticks", {})))
+        for a, b in zip(marks, marks[1:], strict=False)
+    ]
+    shares = " | ".join(f"{when}: {v:.1%}" for when, v in steal if v is not None)
+    print(f"CPU the hypervisor took (steal), in the span up to: {shares}")
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:

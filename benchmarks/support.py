@@ -77,8 +77,30 @@ def load_now(label: str) -> dict[str, Any]:
         "loadavg": [one, five, fifteen],
     }
     entry["uptime"] = text
+    entry["cpu_ticks"] = cpu_ticks()
     print(f"[load] {label}: {one:.2f} {five:.2f} {fifteen:.2f}", flush=True)
     return entry
+
+
+CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def cpu_ticks() -> dict[str, int]:
+    """The machine's CPU time so far by kind (``/proc/stat``, all cores); empty where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            values = f.readline().split()[1:]
+    except OSError:
+        return {}
+    return {name: int(v) for name, v in zip(CPU_FIELDS, values, strict=False)}
+
+
+def steal_between(before: dict[str, int], after: dict[str, int]) -> float | None:
+    """Share of the machine's CPU time the hypervisor took between two ``cpu_ticks`` (None: unknown)."""
+    if not before or not after:
+        return None
+    total = sum(after[k] - before[k] for k in after if k in before)
+    return (after.get("steal", 0) - before.get("steal", 0)) / total if total > 0 else None
 
 
 # ---- the service subprocess -----------------------------------------------------------------------------
