@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.service_bench import UserStream
-from benchmarks.support import Server, free_port
+from benchmarks.support import Server, cpu_ticks, free_port, steal_between
 
 TCK = os.sysconf("SC_CLK_TCK")
 
@@ -162,6 +162,7 @@ async def main():
         procs = tree(server.proc.pid)
         before = {p: cpu_of(p) for p in procs}
         mine = cpu_of(me)
+        ticks = cpu_ticks()
         n, wall = await level(kind, server.base_url, [pl(deadline) for _ in range(5000)], 16, secs)
         after = {p: cpu_of(p) for p in procs}
         mine2 = cpu_of(me)
@@ -177,6 +178,7 @@ async def main():
             procs=per,
             client_ms_per_req=round((mine2 - mine) / max(n["n"], 1) * 1000, 2),
             api_ms_per_req=round((after[server.proc.pid] - before[server.proc.pid]) / max(n["n"], 1) * 1000, 2),
+            steal=round(steal_between(ticks, cpu_ticks()) or 0.0, 3),
         )
         print(json.dumps(row), flush=True)
 

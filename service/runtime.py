@@ -113,7 +113,7 @@ def model_folder(settings: Settings, spec: LLMSpec) -> Path:
     return resolve_model(str(settings.llm_model) if settings.llm_model else spec.base_model, settings.model_cache)
 
 
-def lower_priority(nice: int, idle: bool = False) -> None:
+def lower_priority(nice: int) -> None:
     """Add ``nice`` to every thread of this process (Linux niceness is per thread; later threads inherit it).
 
     Called once the engines (child processes) run: when the cores are shared, the engine then keeps its
@@ -126,11 +126,9 @@ def lower_priority(nice: int, idle: bool = False) -> None:
     for tid in tids:
         try:
             os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
-            if idle:  # runs only on a core no other task wants (later threads inherit the policy)
-                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
         except (OSError, ProcessLookupError):  # a thread that ended meanwhile
             pass
-    log.info("API process niceness +%d%s (the engine processes keep theirs)", nice, ", SCHED_IDLE" if idle else "")
+    log.info("API process niceness +%d (the engine processes keep theirs)", nice)
 
 
 async def _warm_cache(cache: PreferenceCache, artifacts: Artifacts) -> None:
@@ -239,8 +237,8 @@ async def open_service(settings: Settings, metrics: ServiceMetrics) -> AsyncIter
         if settings.warm_cache:
             await _warm_cache(cache, artifacts)
         llm = await _start_llm(settings, artifacts.llm, metrics, stack) if settings.llm_enabled else None
-        if llm is not None and (settings.api_nice or settings.api_sched_idle):
-            lower_priority(settings.api_nice, settings.api_sched_idle)
+        if llm is not None and settings.api_nice:
+            lower_priority(settings.api_nice)
         preferences = PreferenceService(
             version=artifacts.version,
             run_preferences={

@@ -143,11 +143,6 @@ class Settings(BaseSettings):
         description="niceness added to the API process once the engines run: on shared cores the engine keeps "
         "its share under a burst of fast answers (0: off)",
     )
-    api_sched_idle: bool = Field(
-        False,
-        description="the API process's threads run under SCHED_IDLE once the engines run: a core the engine "
-        "wants is never given to the API (Linux; under test)",
-    )
     kv_cache_gib: float | None = Field(None, gt=0, description="KV cache size; None = vLLM's default")
     engine_omp_wait: Literal["PASSIVE", "ACTIVE"] | None = Field(
         "PASSIVE",
