@@ -187,7 +187,7 @@ def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[st
     return {
         "prefix_hit_rate": d["dpo4rec_engine_prefix_hits"] / queries if queries else None,
         "engine_prompt_tokens": d["dpo4rec_engine_prompt_tokens"],
-        "rerank_prompts_built": d["dpo4rec_rerank_prompt_tokens_count"],
+        "rerank_prompts_scored": d["dpo4rec_rerank_prompt_tokens_count"],  # "built" before 2026-12-03 (shed ones too)
         "rerank_prompt_tokens_mean": (
             d["dpo4rec_rerank_prompt_tokens_sum"] / d["dpo4rec_rerank_prompt_tokens_count"]
             if d["dpo4rec_rerank_prompt_tokens_count"]

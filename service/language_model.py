@@ -75,6 +75,7 @@ class LanguageModel:
     ):
         self.engines = engines  # job -> engine; jobs may share one
         self._aborts: set[asyncio.Future[None]] = set()  # engine aborts under way (kept referenced)
+        self._least: dict[tuple[int, int], int] = {}  # (k, orders) -> least_tokens
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.metrics = metrics
@@ -209,6 +210,18 @@ class LanguageModel:
             for s in orders
         ]
         return RerankPrompts(prompts, orders, [i for _, i in labels], [self.tokens(p) for p in prompts])
+
+    def least_tokens(self, k: int, scoring: ScoringSpec) -> int:
+        """A lower bound on the prompt tokens of one re-rank of ``k`` candidates: the prompts with no preference
+        text, no recent items and one-letter titles, cached per ``k``. Admission sheds on it before a request
+        builds and tokenizes its own prompts (a shed answer then costs only its retrieval)."""
+        key = (k, scoring.permutations)
+        if key not in self._least:
+            try:
+                self._least[key] = self.rerank_prompts("", [], [HistoryItem(title="x")] * k, scoring).total_tokens
+            except LLMError:  # more candidates than labels: no bound, and rerank_prompts says why in its turn
+                self._least[key] = 0
+        return self._least[key]
 
     async def score(
         self,

@@ -205,6 +205,12 @@ class RerankPipeline:
         head = candidates[: self.rerank_k]
         if len(head) < 2:
             return None  # one candidate: nothing to re-rank
+        early = self._llm_budget(clock)
+        if self.settings.admission and early > 0:
+            least = self.llm.least_tokens(len(head), self.scoring)
+            if not self.llm.admission.admits(least, early):
+                degraded.add("llm_shed")  # even the shortest prompts of this shape would be late: none built
+                return None
         recent = self._items(history[-self.llm.cfg.prompt.max_recent :]) if self.llm.cfg.prompt.max_recent else []
         try:
             cut = self.settings.stand_in_prompt_chars if stand_in else None
@@ -213,8 +219,7 @@ class RerankPipeline:
             log.warning("re-rank prompts failed: %s", e)
             degraded.add("llm_unavailable")
             return None
-        self.metrics.rerank_prompt_tokens.observe(prepared.total_tokens)
-        budget = clock.remaining() - self.settings.fallback_reserve_ms / 1000  # time left to answer without it
+        budget = self._llm_budget(clock)
         if budget <= 0:
             degraded.add("llm_timeout")
             return None
@@ -237,8 +242,13 @@ class RerankPipeline:
             degraded.add("llm_unavailable")
             return None
         clock.prompt_tokens = prepared.total_tokens
+        self.metrics.rerank_prompt_tokens.observe(prepared.total_tokens)
         r = None if retriever_scores is None else retriever_scores[: len(head)]
         return label_probabilities(fused_scores(r, llm, self.scoring.weight))
+
+    def _llm_budget(self, clock: _Clock) -> float:
+        """Seconds the LLM stage may take: what is left of the deadline, less the answer without it."""
+        return clock.remaining() - self.settings.fallback_reserve_ms / 1000
 
     # ---- the flow -----------------------------------------------------------------------------------
 
