@@ -78,6 +78,7 @@ def load_now(label: str) -> dict[str, Any]:
     }
     entry["uptime"] = text
     entry["cpu_ticks"] = cpu_ticks()
+    entry["own_cpu_s"] = time.process_time()  # this process's CPU (client, and the bare engine's client side)
     print(f"[load] {label}: {one:.2f} {five:.2f} {fifteen:.2f}", flush=True)
     return entry
 

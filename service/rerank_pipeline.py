@@ -206,7 +206,7 @@ class RerankPipeline:
         if len(head) < 2:
             return None  # one candidate: nothing to re-rank
         early = self._llm_budget(clock)
-        if self.settings.admission and early > 0:
+        if self.settings.admission and self.settings.admission_early and early > 0:
             least = self.llm.least_tokens(len(head), self.scoring)
             if not self.llm.admission.admits(least, early):
                 degraded.add("llm_shed")  # even the shortest prompts of this shape would be late: none built

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     admission: bool = Field(
         True, description="skip the LLM at once (llm_shed) when its predicted completion misses the deadline"
     )
+    admission_early: bool = Field(
+        True,
+        description="shed on a lower bound of the prompt tokens before the prompts are built and tokenized "
+        "(a shed answer then costs its retrieval only; benchmarks/shed_path.py)",
+    )
     admission_headroom: float = Field(
         1.2, ge=0.1, description="predicted LLM time x this must fit the remaining deadline to be admitted"
     )
