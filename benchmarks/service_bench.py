@@ -815,8 +815,8 @@ def bracketed(report: dict[str, Any]) -> dict[str, Any]:
     before = {lv["concurrency"]: lv for lv in report["service"]["levels"]}
     for lv in report["service_repeat"]["levels"]:
         c = lv["concurrency"]
-        ratios = [before[c].get("goodput_vs_capacity"), lv.get("goodput_vs_capacity")]
-        if c in before and None not in ratios:
+        ratios = [before[c].get("goodput_vs_capacity") if c in before else None, lv.get("goodput_vs_capacity")]
+        if None not in ratios:
             out[f"c{c}_goodput_vs_capacity"] = statistics.fmean(ratios)
             out[f"c{c}_goodput_rps"] = statistics.fmean([before[c]["goodput_rps"], lv["goodput_rps"]])
             out[f"c{c}_p99_ms"] = max(before[c]["latency_ms"]["p99"], lv["latency_ms"]["p99"])
