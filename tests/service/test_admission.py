@@ -69,11 +69,15 @@ def test_admitted_work_waits_behind_at_most_the_queue_limit_however_long_the_dea
         assert unbounded.admits(2000, 3.0)  # no limit: up to the deadline
 
 
-def test_a_request_that_cannot_finish_in_time_is_shed_at_once(client, app):
-    llm = app.state.service.llm
+def test_a_request_that_cannot_finish_in_time_is_shed_at_once(client, app, monkeypatch):
+    llm, pipeline = app.state.service.llm, app.state.service.pipeline
     assert llm.admission.rate > 0  # measured at start
     calls = metric(app, "dpo4rec_llm_calls_total", job="rerank")
     built = metric(app, "dpo4rec_rerank_prompt_tokens_count")
+    least = llm.least_tokens(pipeline.rerank_k, pipeline.scoring)  # the bound, computed (and cached) first
+    prompts: list[int] = []
+    real = llm.rerank_prompts
+    monkeypatch.setattr(llm, "rerank_prompts", lambda *a, **kw: prompts.append(1) or real(*a, **kw))
     rate = llm.admission.rate
     llm.admission.rate = 1.0  # the engine as a saturated one looks: a prompt of ~300 tokens needs minutes
     try:
@@ -86,13 +90,13 @@ def test_a_request_that_cannot_finish_in_time_is_shed_at_once(client, app):
     assert elapsed < 10.0  # returned well before its 20 s deadline: nothing waited on the engine
     assert metric(app, "dpo4rec_llm_calls_total", job="rerank") == calls  # no engine work was queued
     assert metric(app, "dpo4rec_rerank_prompt_tokens_count") == built  # and no prompt was scored
+    assert prompts == []  # nor built: the lower bound alone was late (the early check)
     # with the measured rate and the same deadline the LLM stage is admitted and completes
     tokens = metric(app, "dpo4rec_rerank_prompt_tokens_count")
     admitted = client.post("/rerank", json={"user_id": "u5", "top_n": 4, "deadline_ms": 20_000}).json()
     assert admitted["degraded"] == [] and metric(app, "dpo4rec_llm_calls_total", job="rerank") == calls + 1
-    assert metric(app, "dpo4rec_rerank_prompt_tokens_count") == tokens + 1
-    pipeline = app.state.service.pipeline
-    assert 0 < llm.least_tokens(pipeline.rerank_k, pipeline.scoring) < admitted["prompt_tokens"]  # a lower bound
+    assert metric(app, "dpo4rec_rerank_prompt_tokens_count") == tokens + 1 and prompts == [1]
+    assert 0 < least < admitted["prompt_tokens"]  # a lower bound
     assert metric(app, "dpo4rec_engine_token_rate") > 0
 
 
