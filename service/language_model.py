@@ -213,9 +213,10 @@ class LanguageModel:
 
     def least_tokens(self, k: int, scoring: ScoringSpec) -> int:
         """A lower bound on the prompt tokens of one re-rank of ``k`` candidates: the prompts with no preference
-        text ("(unknown)"), no recent items and one-letter titles, cached per ``k`` (a real preference shorter
-        than "(unknown)" could come in a token or two under it). Admission sheds on it before a request builds
-        and tokenizes its own prompts: a shed answer then costs its retrieval only (benchmarks/shed_path.py)."""
+        text ("(unknown)"), no recent items and one-letter titles, cached per ``k`` and number of orders (a real
+        preference shorter than "(unknown)" could come in a token or two under it). Admission sheds on it before
+        a request builds and tokenizes its own prompts: a shed answer then costs its retrieval only
+        (benchmarks/shed_path.py)."""
         key = (k, scoring.permutations)
         if key not in self._least:
             try:
