@@ -19,40 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.service_bench import UserStream
-from benchmarks.support import Server, cpu_ticks, free_port, steal_between
-
-TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_of(pid):
-    try:
-        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / TCK
-    except OSError:
-        return 0.0
-
-
-def tree(root):
-    out = {}
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            st = open(f"/proc/{p}/stat").read()
-            ppid = int(st.rsplit(")", 1)[1].split()[1])
-            name = st.split("(", 1)[1].rsplit(")", 1)[0]
-        except OSError:
-            continue
-        out[int(p)] = (ppid, name)
-    kids = {root}
-    changed = True
-    while changed:
-        changed = False
-        for p, (pp, _) in out.items():
-            if pp in kids and p not in kids:
-                kids.add(p)
-                changed = True
-    return {p: out[p][1] for p in kids if p in out}
+from benchmarks.support import Server, cpu_between, cpu_ticks, free_port, steal_between, tree_cpu
 
 
 async def level(kind, base, payloads, conc, secs):
@@ -152,21 +119,18 @@ async def main():
         body = {"user_id": u, "top_n": 10, "explain": True, "deadline_ms": deadline}
         return body | ({"history": h} if h else {})
 
-    me = os.getpid()
     plan = (
         json.loads(sys.argv[1])
         if len(sys.argv) > 1
         else [["httpx", 3000, 10], ["httpx", 30, 20], ["aiohttp", 30, 20], ["httpx", 3000, 30], ["aiohttp", 3000, 30]]
     )
     for kind, deadline, secs in plan:
-        procs = tree(server.proc.pid)
-        before = {p: cpu_of(p) for p in procs}
-        mine = cpu_of(me)
+        before = tree_cpu(server.proc.pid)
+        mine = time.process_time()
         ticks = cpu_ticks()
         n, wall = await level(kind, server.base_url, [pl(deadline) for _ in range(5000)], 16, secs)
-        after = {p: cpu_of(p) for p in procs}
-        mine2 = cpu_of(me)
-        per = {f"{procs[p]}:{p}": round(after[p] - before[p], 2) for p in procs if after[p] - before[p] > 0.05}
+        procs = cpu_between(before, tree_cpu(server.proc.pid))
+        mine = time.process_time() - mine
         row = dict(
             kind=kind,
             deadline=deadline,
@@ -174,10 +138,10 @@ async def main():
             **n,
             rps=round(n["n"] / wall, 1),
             scored_rps=round(n["scored"] / wall, 2),
-            client_cpu=round(mine2 - mine, 2),
-            procs=per,
-            client_ms_per_req=round((mine2 - mine) / max(n["n"], 1) * 1000, 2),
-            api_ms_per_req=round((after[server.proc.pid] - before[server.proc.pid]) / max(n["n"], 1) * 1000, 2),
+            client_cpu=round(mine, 2),
+            procs=procs,
+            client_ms_per_req=round(mine / max(n["n"], 1) * 1000, 2),
+            api_ms_per_req=round(procs.get("root", 0.0) / max(n["n"], 1) * 1000, 2),
             steal=round(steal_between(ticks, cpu_ticks()) or 0.0, 3),
         )
         print(json.dumps(row), flush=True)

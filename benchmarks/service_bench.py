@@ -21,8 +21,10 @@ phases never overlap, so they do not share the CPU):
 4. stops the service, rebuilds the very same re-rank prompts outside it (``llm.prompts`` + ``llm.labels``)
    and times ``llm.engine.ascore_labels`` on a fresh engine with the service's configuration and weights
    (``service.runtime.engine_config``, ``served_jobs``): one at a time (the service's overhead at
-   concurrency 1 = end-to-end / bare engine), and at concurrency 4 and 16 (distinct prompts per level, so
-   the prefix cache does not flatter a level). The bare engine's **capacity** is its best scored prompts/s
+   concurrency 1 = end-to-end / bare engine), and at concurrency 4 and 16, each a closed loop of
+   ``--level-seconds`` as the service's levels (distinct prompts per level, so the prefix cache does not
+   flatter a level; a 32-prompt burst read the rate off ~8 s of ramp and drain, and the best of three
+   such noisy rates leans high). The bare engine's **capacity** is its best scored prompts/s
    there, and goodput is reported as a ratio to it, and to the best rate of a level whose p99 fits the
    deadline (a batch that answers after the deadline is no capacity for on-time answers);
 5. starts the service again and answers the same requests of the levels in ``--repeat`` (1 and 16): the
@@ -50,7 +52,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.support import ENV_DEFAULTS, Server, free_port, load_now, machine, steal_between
+from benchmarks.support import (
+    ENV_DEFAULTS,
+    Server,
+    cpu_between,
+    free_port,
+    load_now,
+    machine,
+    steal_between,
+    tree_cpu,
+)
 
 ENGINE_GAUGE = "dpo4rec_engine_unfinished_requests"
 
@@ -225,11 +236,15 @@ async def run_level(
     budget_s: float,
     request_timeout_s: float,
     deadline_ms: float,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
-    """``payloads`` sent by ``concurrency`` workers; no new request starts after ``budget_s``."""
+    """``payloads`` sent by ``concurrency`` workers; no new request starts after ``budget_s``. With
+    ``server_pid``, the CPU seconds of the service's processes (and of this client) over the level."""
     samples: list[Sample | None] = [None] * len(payloads)
     pending = iter(enumerate(payloads))
     before = await scrape(client)
+    cpu_before = tree_cpu(server_pid) if server_pid else {}
+    client_cpu = time.process_time()
     t0 = time.perf_counter()
 
     async def worker() -> None:
@@ -244,6 +259,8 @@ async def run_level(
     watcher = asyncio.create_task(watch_engine_queue(client, stop)) if concurrency > 1 else None
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
+    cpu_s = cpu_between(cpu_before, tree_cpu(server_pid)) if server_pid else {}
+    cpu_s["client"] = round(time.process_time() - client_cpu, 2)
     stop.set()
     queue = await watcher if watcher is not None else []
     deltas = counter_deltas(before, await scrape(client))
@@ -280,8 +297,16 @@ async def run_level(
         "sources": {src: sum(1 for s in ok if s.source == src) for src in {s.source for s in ok}},
         "engine_queue": {"max": max(queue, default=None), "mean": statistics.fmean(queue) if queue else None},
         "error_examples": [s.error for s in done if not s.ok][:3],
+        "cpu_s": cpu_s,  # "root": the API process; VLLM::*: the engines' processes; "client": this process
+        "worker_cores": _worker_cores(cpu_s, wall),
     }
     return {"summary": summary, "samples": done}
+
+
+def _worker_cores(cpu_s: dict[str, float], wall: float) -> float | None:
+    """Cores the engines' model workers used on average over ``wall`` seconds (None: not measured)."""
+    worker = [v for name, v in cpu_s.items() if name.startswith("VLLM::Worker")]
+    return sum(worker) / wall if worker and wall > 0 else None
 
 
 # ---- the same prompts outside the service -----------------------------------------------------------------
@@ -361,9 +386,11 @@ async def bare_engine(
     batch: list[Job],
     concurrency: list[int],
     budget_s: float,
+    seconds: float,
 ) -> dict[str, Any]:
     """``ascore_labels`` for the same prompts on the service's re-rank engine (``service.runtime``'s config and
-    weights): first ``single`` one at a time, then ``batch`` split over the ``concurrency`` levels."""
+    weights): first ``single`` one at a time (for at most ``budget_s``), then ``batch`` split over the
+    ``concurrency`` levels, each a closed loop of ``seconds``."""
     import numpy as np
 
     from llm.engine import ascore_labels, async_engine, make_lora
@@ -395,7 +422,7 @@ async def bare_engine(
         per_level = len(batch) // max(len(concurrency), 1)
         for i, level in enumerate(concurrency):  # distinct prompts per level: no prefix-cache hits between them
             jobs = batch[i * per_level : (i + 1) * per_level]
-            concurrent.append(await _bare_level(engine, jobs, level, lora, budget_s))
+            concurrent.append(await _bare_level(engine, jobs, level, lora, seconds))
     capacity = max(
         [c["throughput_rps"] for c in concurrent] + [len(single_ms) / (sum(single_ms) / 1000) if single_ms else 0.0]
     )
@@ -413,31 +440,37 @@ async def bare_engine(
     }
 
 
-async def _bare_level(engine: Any, jobs: list[Job], concurrency: int, lora: Any, budget_s: float) -> dict[str, Any]:
-    """``jobs`` on the bare engine, ``concurrency`` at a time."""
+async def _bare_level(engine: Any, jobs: list[Job], concurrency: int, lora: Any, seconds: float) -> dict[str, Any]:
+    """``jobs`` on the bare engine in a closed loop of ``concurrency`` workers (as the service's levels): no new
+    prompt starts after ``seconds``, and the rate counts every prompt finished over the whole wall time."""
     from llm.engine import ascore_labels
 
-    sem = asyncio.Semaphore(concurrency)
     done: list[tuple[float, int]] = []
+    pending = iter(jobs)
+    cpu_before = tree_cpu(os.getpid())
     t1 = time.perf_counter()
 
-    async def one(job: Job) -> None:
-        async with sem:
-            if time.perf_counter() - t1 > budget_s:
+    async def worker() -> None:
+        for job in pending:
+            if time.perf_counter() - t1 > seconds:
                 return
             begin = time.perf_counter()
             await ascore_labels(engine, job.prompt, job.label_ids, f"bench-b-{uuid.uuid4().hex[:8]}", lora)
             done.append(((time.perf_counter() - begin) * 1000, job.prompt_tokens))
 
-    await asyncio.gather(*(one(job) for job in jobs))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t1
+    cpu_s = cpu_between(cpu_before, tree_cpu(os.getpid()))  # "root": this process (the engine's client side)
     return {
         "concurrency": concurrency,
         "n": len(done),
+        "ran_out_of_prompts": len(done) == len(jobs),  # the level ended before ``seconds``: a shorter window
         "wall_s": wall,
         "throughput_rps": len(done) / wall if wall > 0 else float("nan"),
         "prompt_tokens_per_s": sum(t for _, t in done) / wall if wall > 0 else float("nan"),
         "latency_ms": latency_summary([ms for ms, _ in done]),
+        "cpu_s": cpu_s,
+        "worker_cores": _worker_cores(cpu_s, wall),
     }
 
 
@@ -567,8 +600,9 @@ async def service_phase(
                 payloads = replay[f"c{concurrency}"] if replay is not None else [next_payload() for _ in range(n)]
                 out["payloads"][f"c{concurrency}"] = payloads
                 print(f"[level{tag}] concurrency {concurrency}: {args.level_seconds:.0f} s ...", flush=True)
+                pid = server.proc.pid if server.proc is not None else None
                 level = await run_level(
-                    client, payloads, concurrency, args.level_seconds, args.request_timeout_s, args.deadline_ms
+                    client, payloads, concurrency, args.level_seconds, args.request_timeout_s, args.deadline_ms, pid
                 )
                 s = level["summary"]
                 print(
@@ -742,7 +776,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     report["load"].append(load_now("bare engine start"))
     print(f"[bare] {len(single_jobs)} prompts one at a time, {len(batch_jobs)} at concurrency {args.bare_concurrency}")
     bare = await bare_engine(
-        engine_cfg, weights, warm_jobs, single_jobs, batch_jobs, args.bare_concurrency, args.level_timeout_s
+        engine_cfg,
+        weights,
+        warm_jobs,
+        single_jobs,
+        batch_jobs,
+        args.bare_concurrency,
+        args.level_timeout_s,
+        args.level_seconds,
     )
     report["load"].append(load_now("bare engine done"))
     report["bare_engine"] = bare
@@ -876,7 +917,10 @@ def main() -> None:
     )
     parser.add_argument("--miss-users", type=int, default=5, help="new users for the cache miss/hit pairs")
     parser.add_argument(
-        "--bare-concurrent-requests", type=int, default=64, help="prompts for the bare engine's concurrent levels"
+        "--bare-concurrent-requests",
+        type=int,
+        default=400,
+        help="most prompts for the bare engine's concurrent levels (each runs --level-seconds)",
     )
     parser.add_argument("--deadline-ms", type=int, default=3000, help="request deadline (and the service's cap)")
     parser.add_argument("--request-timeout-s", type=float, default=120.0, help="client timeout of one request")

@@ -104,6 +104,46 @@ def steal_between(before: dict[str, int], after: dict[str, int]) -> float | None
     return (after.get("steal", 0) - before.get("steal", 0)) / total if total > 0 else None
 
 
+def tree_cpu(root: int) -> dict[str, float]:
+    """CPU seconds so far of ``root`` and every process below it, by name (``/proc``; threads included).
+
+    The names are the kernel's (``VLLM::EngineCor``, ``VLLM::Worker``, ``redis-server``; ``root`` is
+    ``"root"``): two processes of one name are summed. Empty where there is no ``/proc``."""
+    tck = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, tuple[int, str, float]] = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+        fields = rest.split()
+        parents[pid] = (int(fields[1]), name, (int(fields[11]) + int(fields[12])) / tck)
+    below = {root}
+    grown = True
+    while grown:
+        grown = False
+        for pid, (ppid, _, _) in parents.items():
+            if ppid in below and pid not in below:
+                below.add(pid)
+                grown = True
+    out: dict[str, float] = {}
+    for pid in below & parents.keys():
+        name = "root" if pid == root else parents[pid][1]
+        out[name] = out.get(name, 0.0) + parents[pid][2]
+    return out
+
+
+def cpu_between(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per-name CPU seconds between two ``tree_cpu`` readings (a process born in between counts from 0)."""
+    return {name: round(after[name] - before.get(name, 0.0), 2) for name in after}
+
+
 # ---- the service subprocess -----------------------------------------------------------------------------
 
 
