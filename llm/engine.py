@@ -201,6 +201,23 @@ def resolve_dtype(setting: str = "auto") -> str:
     return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
+# Prompt tokens per engine step on a CPU. vLLM's CPU default, 2048, is a step of ~1.2-1.5 s on 2 cores, and
+# every prompt of a step finishes at its end: a prompt admitted as a step starts waits for that step and the
+# next, up to ~3 s, which admission's steady-rate prediction cannot see. At 512 (about one re-rank prompt) the
+# steps are ~0.3 s: 3x fewer admitted re-ranks missed the deadline, at the same goodput (docs/BENCHMARKS.md).
+CPU_STEP_TOKENS = 512
+
+
+def resolve_step_tokens(setting: int | Literal["auto"] | None = "auto") -> int | None:
+    """``max_num_batched_tokens`` for ``setting``: ``auto`` is ``CPU_STEP_TOKENS`` on a CPU and vLLM's
+    default on a GPU (None), whose steps take milliseconds; None is vLLM's default everywhere."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return None if torch.cuda.is_available() else CPU_STEP_TOKENS
+
+
 def make_llm(cfg: EngineConfig) -> LLM:
     """A ``vllm.LLM`` (offline, batched) engine. Start-up takes 20-50 s on CPU: build one and share it."""
     from vllm import LLM

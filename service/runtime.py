@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llm.engine import EngineConfig, EngineCounters, async_engine, resolve_dtype
+from llm.engine import EngineConfig, EngineCounters, async_engine, resolve_dtype, resolve_step_tokens
 from llm.models import resolve_model
 from llm.prompts import history_text
 from llm.scoring import ScoringSpec
@@ -97,7 +97,7 @@ def engine_config(settings: Settings, spec: LLMSpec, model: Path, lora: bool) ->
         model=str(model),
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_num_batched_tokens=resolve_step_tokens(settings.max_num_batched_tokens),
         max_logprobs=max(64, settings.rerank_k or spec.rerank_k),
         enable_lora=lora,
         kv_cache_gib=settings.kv_cache_gib,

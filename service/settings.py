@@ -118,11 +118,11 @@ class Settings(BaseSettings):
     llm_model: Path | None = Field(None, description="HF model folder overriding llm.json's base_model")
     max_model_len: int = Field(2048, ge=64, description="prompt + generated tokens per request")
     max_num_seqs: int = Field(16, ge=1, description="sequences the engine batches per step")
-    max_num_batched_tokens: int | None = Field(
-        None,
-        ge=16,
-        description="prompt tokens per engine step (vLLM's chunked-prefill budget; None: vLLM's, 2048 on a CPU, a "
-        "~2 s step). 512 (about one re-rank prompt) was measured worse with engine_slots 2 (docs/BENCHMARKS.md)",
+    max_num_batched_tokens: Annotated[int, Field(ge=16)] | Literal["auto"] | None = Field(
+        "auto",
+        description="prompt tokens per engine step (vLLM's chunked-prefill budget). auto: 512 on a CPU (about one "
+        "re-rank prompt, a ~0.3 s step, so admitted work finishes when admission predicts), vLLM's default on a "
+        "GPU; None: vLLM's (2048 on a CPU, a ~1.5 s step: 3x more admitted re-ranks late, docs/BENCHMARKS.md)",
     )
     llm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="engine dtype; auto = bfloat16 on GPUs and bf16-capable CPUs, else float32"
