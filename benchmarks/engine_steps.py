@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from benchmarks.service_bench import parse_ints
 from benchmarks.support import ENV_DEFAULTS, cpu_between, machine, tree_cpu
 
 
@@ -38,14 +39,11 @@ def prompts(run: Path, tokenizer: Any, spec: Any, n: int, seed: int) -> tuple[li
     """``n`` distinct re-rank prompts of ten candidates, and the label token ids."""
     from llm.labels import candidate_labels
     from llm.prompts import HistoryItem, render, rerank_messages
+    from rundir.preferences import load_preferences
     from rundir.reader import read_catalog, read_users
 
     catalog, users = read_catalog(run), read_users(run)
-    texts = {}
-    with open(run / "preferences.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            texts[row["user_id"]] = row["text"]
+    texts, _ = load_preferences(run)
     labels = candidate_labels(tokenizer, 10)
     cfg = spec.prompt
     rng = random.Random(seed)
@@ -119,7 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="run directory whose re-rank engine to start")
     parser.add_argument("--steps", type=parse_steps, default=[512, None], help="step sizes, comma-separated")
-    parser.add_argument("--concurrency", type=lambda t: [int(x) for x in t.split(",")], default=[4, 16], help="levels")
+    parser.add_argument("--concurrency", type=parse_ints, default=[4, 16], help="levels, comma-separated")
     parser.add_argument("--seconds", type=float, default=25.0, help="closed loop per level")
     parser.add_argument("--prompts", type=int, default=400, help="distinct prompts per engine (upper bound)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_steps.json"), help="JSON")
