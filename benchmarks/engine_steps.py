@@ -38,7 +38,8 @@ def parse_steps(text: str) -> list[int | None]:
 def prompts(run: Path, tokenizer: Any, spec: Any, n: int, seed: int) -> tuple[list[str], list[int]]:
     """``n`` distinct re-rank prompts of ten candidates, and the label token ids."""
     from llm.labels import candidate_labels
-    from llm.prompts import HistoryItem, render, rerank_messages
+    from llm.prompts import render, rerank_messages
+    from rundir.items import prompt_items
     from rundir.preferences import load_preferences
     from rundir.reader import read_catalog, read_users
 
@@ -48,14 +49,11 @@ def prompts(run: Path, tokenizer: Any, spec: Any, n: int, seed: int) -> tuple[li
     cfg = spec.prompt
     rng = random.Random(seed)
 
-    def item(i: int) -> HistoryItem:
-        return HistoryItem(title=catalog[i].title, genres=catalog[i].genres, year=catalog[i].year)
-
     out = []
     for _ in range(n):
         user = rng.choice(list(users))
-        recent = [item(i) for i in users[user][-cfg.max_recent :]] if cfg.max_recent else []
-        candidates = [item(i) for i in rng.sample(range(1, len(catalog)), 10)]
+        recent = prompt_items(catalog, users[user][-cfg.max_recent :]) if cfg.max_recent else []
+        candidates = prompt_items(catalog, rng.sample(range(1, len(catalog)), 10))
         messages = rerank_messages(texts.get(user, ""), recent, candidates, [t for t, _ in labels], cfg)
         out.append(render(tokenizer, messages))
     return out, [i for _, i in labels]

@@ -342,10 +342,9 @@ class PromptBuilder:
         self.labels = candidate_labels(self.tokenizer, self.k)
 
     def _item(self, index: int) -> Any:
-        from llm.prompts import HistoryItem
+        from rundir.items import prompt_item
 
-        item = self.catalog[index]
-        return HistoryItem(title=item.title, genres=item.genres, year=item.year)
+        return prompt_item(self.catalog[index])  # as the service's pipeline (no rating: none in a request)
 
     def job(self, sample: Sample) -> Job | None:
         from llm.prompts import render, rerank_messages
