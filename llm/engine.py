@@ -61,6 +61,10 @@ _TOKENIZATION = {"add_special_tokens": False}
 _WARM_UP_PROMPT = "Warming up the engine: " + "one two three four five six seven eight nine ten " * 8
 _WARM_UP_IDS = [100, 101, 102]  # any ids inside every vocabulary
 
+# One prompt for the async engine: its rendered text, or the token ids of that text (the engine then does not
+# tokenize it again: the service has already tokenized it to count it for admission).
+Prompt = str | Sequence[int]
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -379,7 +383,7 @@ def score_labels(
 
 async def agenerate(
     engine: AsyncLLM,
-    prompt: str,
+    prompt: Prompt,
     gen: GenerationConfig,
     request_id: str | None = None,
     lora: LoRARequest | None = None,
@@ -391,7 +395,7 @@ async def agenerate(
 
 async def ascore_labels(
     engine: AsyncLLM,
-    prompt: str,
+    prompt: Prompt,
     label_ids: Sequence[int],
     request_id: str | None = None,
     lora: LoRARequest | None = None,
@@ -428,14 +432,14 @@ def _scoring_params(label_ids: Sequence[int]) -> SamplingParams:
 
 async def _final_output(
     engine: AsyncLLM,
-    prompt: str,
+    prompt: Prompt,
     params: SamplingParams,
     request_id: str | None,
     lora: LoRARequest | None,
 ) -> RequestOutput:
     final = None
     async for output in engine.generate(
-        prompt,
+        prompt if isinstance(prompt, str) else {"prompt_token_ids": [int(t) for t in prompt]},
         params,
         request_id or uuid.uuid4().hex,
         lora_request=lora,

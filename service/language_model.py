@@ -55,7 +55,11 @@ class RerankPrompts:
     prompts: list[str]  # one per candidate order
     orders: list[int]  # the cyclic shift of each (llm.scoring.shifts)
     label_ids: list[int]  # label token ids, position order
-    tokens: list[int]  # prompt tokens of each
+    token_ids: list[list[int]]  # each prompt tokenized once: admission counts them, the engine is given them
+
+    @property
+    def tokens(self) -> list[int]:
+        return [len(ids) for ids in self.token_ids]
 
     @property
     def total_tokens(self) -> int:
@@ -143,9 +147,9 @@ class LanguageModel:
                 coro.close()  # it never reached the engine
             gauge.dec()
 
-    def tokens(self, prompt: str) -> int:
-        """Prompt tokens as the engine counts them (the rendered template holds its own BOS)."""
-        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    def token_ids(self, prompt: str) -> list[int]:
+        """The prompt's tokens as the engine would make them (the rendered template holds its own BOS)."""
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     async def measure_rate(self, prompt_tokens: int = 256, runs: int = 2, batch: int = 4) -> float:
         """Prompt tokens/s of the scoring engine on ``batch`` distinct prompts at once (no prefix-cache hits);
@@ -157,10 +161,12 @@ class LanguageModel:
         rate = 0.0
         for run in range(runs):
             prompts = [
-                f"Rate probe {uuid.uuid4().hex}: " + " ".join(f"w{run}x{b}x{i}" for i in range(prompt_tokens // 3))
+                self.token_ids(
+                    f"Rate probe {uuid.uuid4().hex}: " + " ".join(f"w{run}x{b}x{i}" for i in range(prompt_tokens // 3))
+                )
                 for b in range(batch)
             ]
-            tokens = sum(self.tokens(p) for p in prompts)
+            tokens = sum(len(p) for p in prompts)
             loop = asyncio.get_running_loop()
             start = loop.time()
             await asyncio.gather(
@@ -179,9 +185,9 @@ class LanguageModel:
 
     async def preference(self, history: list[HistoryItem], request_id: str | None = None) -> str:
         """A free-text description of the user's tastes from their history (oldest first)."""
-        prompt = render(self.tokenizer, preference_messages(history, self.cfg.prompt))
+        prompt = self.token_ids(render(self.tokenizer, preference_messages(history, self.cfg.prompt)))
         rid = _engine_request_id(request_id, "pref")
-        cost = self.tokens(prompt) + self.cfg.generation.max_tokens  # decode steps counted like prompt tokens
+        cost = len(prompt) + self.cfg.generation.max_tokens  # decode steps counted like prompt tokens
         engine = self._engine("preference")
         coro = agenerate(engine, prompt, self.cfg.generation, rid, self.loras.get("preference"))
         texts = await self._call("preference", rid, coro, cost)
@@ -209,7 +215,7 @@ class LanguageModel:
             render(self.tokenizer, rerank_messages(preference, recent, rotate(candidates, s), texts, cfg))
             for s in orders
         ]
-        return RerankPrompts(prompts, orders, [i for _, i in labels], [self.tokens(p) for p in prompts])
+        return RerankPrompts(prompts, orders, [i for _, i in labels], [self.token_ids(p) for p in prompts])
 
     def least_tokens(self, k: int, scoring: ScoringSpec) -> int:
         """A lower bound on the prompt tokens of one re-rank of ``k`` candidates: the prompts with no preference
@@ -241,12 +247,12 @@ class LanguageModel:
 
         engine = self._engine("rerank")
 
-        async def one(prompt: str, tokens: int) -> np.ndarray:
+        async def one(token_ids: list[int]) -> np.ndarray:
             rid = _engine_request_id(request_id, "rank")
-            coro = ascore_labels(engine, prompt, prepared.label_ids, rid, self.loras.get("rerank"))
-            return np.asarray(await self._call("rerank", rid, coro, tokens, deadline, ticket), dtype=np.float64)
+            coro = ascore_labels(engine, token_ids, prepared.label_ids, rid, self.loras.get("rerank"))
+            return np.asarray(await self._call("rerank", rid, coro, len(token_ids), deadline, ticket), dtype=np.float64)
 
-        per_order = await asyncio.gather(*(one(p, n) for p, n in zip(prepared.prompts, prepared.tokens, strict=True)))
+        per_order = await asyncio.gather(*(one(ids) for ids in prepared.token_ids))
         if not all(np.isfinite(p).any() for p in per_order):
             raise LLMError("the engine returned no finite label log-probabilities")
         try:

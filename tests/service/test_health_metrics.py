@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from tests.service.support import VERSION
 
 
@@ -46,3 +48,36 @@ def test_metrics_expose_requests_stages_cache_and_engine(client):
     }
     assert value["dpo4rec_engine_prompt_tokens"] > 0 and value["dpo4rec_engine_prefix_queries"] > 0
     assert 0 < value["dpo4rec_engine_prefix_hits"] <= value["dpo4rec_engine_prefix_queries"]
+
+
+def _engine_prompt_tokens(client) -> float:
+    text = client.get("/metrics").text
+    name = "dpo4rec_engine_prompt_tokens "
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_the_engine_takes_in_exactly_the_tokens_the_service_counted(client, app, monkeypatch):
+    # the service tokenizes each prompt once, counts it for admission and hands the engine those token ids
+    # (the real engine, its generate wrapped to see what it is given): the engine's own count of prompt
+    # tokens grows by exactly what the answer reports
+    engine = app.state.service.llm.engines["rerank"]
+    given: list[object] = []
+    real = engine.generate
+
+    def generate(prompt, *args, **kwargs):
+        given.append(prompt)
+        return real(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    before = _engine_prompt_tokens(client)
+    answer = client.post("/rerank", json={"user_id": "u2", "top_n": 3, "deadline_ms": 20_000}).json()
+    assert given and all(isinstance(p, dict) for p in given)  # token ids, not a text to tokenize again
+    assert sum(len(p["prompt_token_ids"]) for p in given) == answer["prompt_tokens"]  # type: ignore[index]
+    assert answer["degraded"] == [] and answer["prompt_tokens"] > 0
+    grown = 0.0
+    for _ in range(50):  # vLLM records a step's statistics just after it hands out the step's outputs
+        grown = _engine_prompt_tokens(client) - before
+        if grown >= answer["prompt_tokens"]:
+            break
+        time.sleep(0.1)
+    assert grown == answer["prompt_tokens"]
