@@ -694,6 +694,11 @@ def print_table(report: dict[str, Any]) -> None:
             print(
                 f"{'bare, ' + str(c['concurrency']):>11}{c['n']:>5}{_ms(c['latency_ms'])}{c['throughput_rps']:>8.2f}"
                 f"  {c['prompt_tokens_per_s']:.0f} prompt tokens/s"
+                + (
+                    "  RAN OUT OF PROMPTS: a short level with its drain, raise --bare-concurrent-requests"
+                    if c.get("ran_out_of_prompts")
+                    else ""
+                )
             )
         within = bare.get("capacity_within_deadline_prompts_per_s")
         print(
@@ -764,7 +769,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     warm_jobs = [j for s in samples["warmup"] if s.ok and (j := builder.job(s)) is not None]
     single_src = [(s, j) for s in samples[c1_key] if s.ok and (j := builder.job(s)) is not None]
     single_jobs = [j for _, j in single_src]
-    batch_src = [s for level in args.concurrency[1:] for s in samples[f"c{level}"]][: args.bare_concurrent_requests]
+    # distinct prompts for each concurrent level (the service's own, from its levels above concurrency 1)
+    want = args.bare_concurrent_requests * len(args.bare_concurrency)
+    batch_src = [s for level in args.concurrency[1:] for s in samples[f"c{level}"]][:want]
     batch_jobs = [j for s in batch_src if s.ok and (j := builder.job(s)) is not None]
     weights = served_jobs(settings, spec, model_dir).get("rerank")
     if weights is None:
@@ -919,7 +926,8 @@ def main() -> None:
         "--bare-concurrent-requests",
         type=int,
         default=400,
-        help="most prompts for the bare engine's concurrent levels (each runs --level-seconds)",
+        help="most prompts for each of the bare engine's concurrent levels (each runs --level-seconds; a level "
+        "that runs out ends early and says so)",
     )
     parser.add_argument("--deadline-ms", type=int, default=3000, help="request deadline (and the service's cap)")
     parser.add_argument("--request-timeout-s", type=float, default=120.0, help="client timeout of one request")
