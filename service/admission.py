@@ -16,7 +16,11 @@ retrieval under a burst, a neighbour process) would keep admitting work that tim
 ``floor`` x the rate measured at start: a rate cut so far that nothing is admitted would never see a
 completion to raise it again. Background
 preference generations count too (their prompt plus their generation budget, in the same token
-units), since they take the same cores.
+units), since they take the same cores; but they do not teach the rate. Each generated token is a whole
+engine step for one token: a generation decoding alone on a CPU completes ~10 "tokens" a second, where
+re-rank prompts complete hundreds, so a rate learnt from it would shed every re-rank behind it. Next to
+re-ranks, its decode steps ride in their steps almost free; a re-rank busy period that overlaps one
+still counts the time its prompt took (measured 2026-12-04: docs/BENCHMARKS.md).
 
 ``queue_s`` (the ``admission_queue_ms`` setting) bounds the predicted time admitted work may wait behind,
 below the deadline. Under sustained load there is always a new request to admit the moment room opens,
@@ -130,22 +134,25 @@ class Admission:
         self.rate = max(self.rate * self.backoff, self.floor * self.seeded)
 
     @contextmanager
-    def running(self, tokens: int, ticket: Ticket | None = None) -> Iterator[None]:
+    def running(self, tokens: int, ticket: Ticket | None = None, teaches: bool = True) -> Iterator[None]:
         """Account for a prompt of ``tokens`` while it runs (part of ``ticket`` when admitted, counted from now
-        otherwise); completed work updates the rate, cancelled work does not."""
+        otherwise); completed work updates the rate, cancelled work does not. ``teaches=False`` (a background
+        generation): pending while it runs, but it neither opens a busy period nor enters a rate sample."""
         ticket = ticket or self.hold(tokens)
-        if self._running == 0:  # a busy period starts: idle time never enters a rate sample
-            self._sample_start, self._sample_tokens = time.perf_counter(), 0
-        self._running += 1
+        if teaches:
+            if self._running == 0:  # a busy period starts: idle time never enters a rate sample
+                self._sample_start, self._sample_tokens = time.perf_counter(), 0
+            self._running += 1
         completed = False
         try:
             yield
             completed = True
         finally:
-            self._running -= 1
             ticket.settle(tokens)
-            if completed:
-                self._observe(tokens)
+            if teaches:
+                self._running -= 1
+                if completed:
+                    self._observe(tokens)
 
     @asynccontextmanager
     async def engine_slot(self, tokens: int, deadline: float | None = None) -> AsyncIterator[None]:

@@ -17,7 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,7 +125,7 @@ class LanguageModel:
         gauge.inc()
         started = False
         try:
-            with self.admission.running(tokens, ticket):
+            with self._accounted(job, tokens, ticket):
                 async with self.admission.engine_slot(tokens, deadline) if job == "rerank" else nullcontext():
                     started = True
                     self.metrics.llm_calls.labels(job=job).inc()
@@ -146,6 +146,17 @@ class LanguageModel:
             if not started:
                 coro.close()  # it never reached the engine
             gauge.dec()
+
+    def _accounted(self, job: str, tokens: int, ticket: Ticket | None) -> AbstractContextManager[None]:
+        """Admission's accounting of one engine call. A re-rank is pending work and teaches the rate. A
+        background generation on the re-rank engine is pending work ahead of later re-ranks but teaches no
+        rate (``Admission.running``); on an engine of its own, which runs at a lower CPU priority
+        (``preference_engine_nice``), it is not counted: the re-ranks' own rate already reflects it."""
+        if job == "rerank":
+            return self.admission.running(tokens, ticket)
+        if self.engines.get(job) is self.engines.get("rerank"):
+            return self.admission.running(tokens, ticket, teaches=False)
+        return nullcontext()
 
     def token_ids(self, prompt: str) -> list[int]:
         """The prompt's tokens as the engine would make them (the rendered template holds its own BOS)."""

@@ -20,7 +20,7 @@ import asyncio
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -113,22 +113,44 @@ def model_folder(settings: Settings, spec: LLMSpec) -> Path:
     return resolve_model(str(settings.llm_model) if settings.llm_model else spec.base_model, settings.model_cache)
 
 
-def lower_priority(nice: int) -> None:
-    """Add ``nice`` to every thread of this process (Linux niceness is per thread; later threads inherit it).
+def lower_priority(nice: int, pids: Iterable[int] | None = None) -> None:
+    """Add ``nice`` to every thread of this process, or of ``pids`` (Linux niceness is per thread; later
+    threads inherit it).
 
-    Called once the engines (child processes) run: when the cores are shared, the engine then keeps its
-    share of them under a burst of requests answered without the LLM, whose HTTP, retrieval and encoding
-    would otherwise take the cores from the work that yields LLM-scored answers (docs/BENCHMARKS.md)."""
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:  # not Linux: the process as a whole
-        tids = [0]
-    for tid in tids:
+    Called for this process once the engines (child processes) run: when the cores are shared, the engine
+    then keeps its share of them under a burst of requests answered without the LLM, whose HTTP, retrieval
+    and encoding would otherwise take the cores from the work that yields LLM-scored answers
+    (docs/BENCHMARKS.md). Called with the processes of an engine that only generates preferences in the
+    background: re-ranks, which a user waits for, get the cores first (docs/DECISIONS.md)."""
+    for pid in [0] if pids is None else list(pids):
+        task_dir = f"/proc/{pid or 'self'}/task"
         try:
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
-        except (OSError, ProcessLookupError):  # a thread that ended meanwhile
-            pass
-    log.info("API process niceness +%d (the engine processes keep theirs)", nice)
+            tids = [int(t) for t in os.listdir(task_dir)]
+        except OSError:  # not Linux (the process as a whole), or a process that ended meanwhile
+            tids = [pid]
+        for tid in tids:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+            except OSError:  # a thread that ended meanwhile
+                pass
+
+
+def _descendants() -> set[int]:
+    """The pids of this process's children, grandchildren, ... (Linux ``/proc``; empty elsewhere)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state
+    found: set[int] = set()
+    frontier = {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
 
 
 async def _warm_cache(cache: PreferenceCache, artifacts: Artifacts) -> None:
@@ -156,7 +178,12 @@ async def _start_engines(
         lora = any(w.lora is not None for w in jobs.values() if w.model == folder)
         counters.append(EngineCounters())  # prefix-cache hits and token counts, in /metrics
         cfg = engine_config(settings, spec, folder, lora)
+        before = _descendants()
         engines[folder] = await stack.enter_async_context(async_engine(cfg, counters=counters[-1]))  # warmed up
+        background = all(job != "rerank" for job, w in jobs.items() if w.model == folder)
+        if background and settings.preference_engine_nice:
+            lower_priority(settings.preference_engine_nice, _descendants() - before)
+            log.info("preference engine's processes niceness +%d", settings.preference_engine_nice)
     return {job: engines[w.model] for job, w in jobs.items()}, counters
 
 
@@ -239,6 +266,7 @@ async def open_service(settings: Settings, metrics: ServiceMetrics) -> AsyncIter
         llm = await _start_llm(settings, artifacts.llm, metrics, stack) if settings.llm_enabled else None
         if llm is not None and settings.api_nice:
             lower_priority(settings.api_nice)
+            log.info("API process niceness +%d (the engine processes keep theirs)", settings.api_nice)
         preferences = PreferenceService(
             version=artifacts.version,
             run_preferences={

@@ -148,6 +148,14 @@ class Settings(BaseSettings):
         description="niceness added to the API process once the engines run: on shared cores the engine keeps "
         "its share under a burst of fast answers (0: off)",
     )
+    preference_engine_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="niceness added to the processes of an engine that only generates preferences (a run whose "
+        "preference and re-rank weights differ): on shared cores the background generations take what the "
+        "re-ranks leave, and are not counted ahead of them by admission (0: equal priority)",
+    )
     kv_cache_gib: float | None = Field(None, gt=0, description="KV cache size; None = vLLM's default")
     engine_omp_wait: Literal["PASSIVE", "ACTIVE"] | None = Field(
         "PASSIVE",

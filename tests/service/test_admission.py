@@ -27,6 +27,21 @@ def test_prediction_and_rate_estimate() -> None:
         Admission(rate=0)
 
 
+def test_a_background_generation_is_pending_work_but_does_not_teach_the_rate() -> None:
+    # a generation decoding alone completes a few tokens per second of engine time: learnt as the rate, it
+    # would shed every re-rank behind it (the fault drill of 2026-12-04: 6 of 1 367 answers LLM-scored)
+    a = Admission(rate=500.0, alpha=1.0, min_sample_s=0.0)
+    with a.running(340, teaches=False):
+        assert a.pending == 340 and a.predicted_s(160) == pytest.approx(1.0)  # re-ranks queue behind it
+        time.sleep(0.1)
+        with a.running(100):  # a re-rank next to it: its busy time is a sample
+            time.sleep(0.02)
+        taught = a.rate
+        assert taught < 100 / 0.02  # learnt from the re-rank's 100 tokens over >= 0.02 s
+        time.sleep(0.1)
+    assert a.pending == 0 and a.rate == taught  # the generation's 340 "tokens" in 0.22 s taught nothing
+
+
 def test_a_deadline_miss_cuts_the_rate_but_never_below_the_floor() -> None:
     a = Admission(rate=100.0, backoff=0.5, floor=0.3)
     a.seed(400.0)  # measured on the idle engine at start
