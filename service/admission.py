@@ -16,11 +16,12 @@ retrieval under a burst, a neighbour process) would keep admitting work that tim
 ``floor`` x the rate measured at start: a rate cut so far that nothing is admitted would never see a
 completion to raise it again. Background
 preference generations count too (their prompt plus their generation budget, in the same token
-units), since they take the same cores; but they do not teach the rate. Each generated token is a whole
-engine step for one token: a generation decoding alone on a CPU completes ~10 "tokens" a second, where
-re-rank prompts complete hundreds, so a rate learnt from it would shed every re-rank behind it. Next to
-re-ranks, its decode steps ride in their steps almost free; a re-rank busy period that overlaps one
-still counts the time its prompt took (measured 2026-12-04: docs/BENCHMARKS.md).
+units), since they take the same cores; but they do not teach the rate. Its budget counts one token per
+generated token, yet each of them is a whole engine step: alone in the engine, a preference (40 tokens,
+4-5 s on the AVX2 machine) reads as a few dozen tokens/s against ~450 for re-rank prompts, and a rate
+learnt from a stream of them shed every re-rank (the fault drill of 2026-12-04, docs/BENCHMARKS.md). Next
+to re-ranks its decode steps ride in their steps almost free; a re-rank busy period that overlaps one
+still counts the time its prompt took.
 
 ``queue_s`` (the ``admission_queue_ms`` setting) bounds the predicted time admitted work may wait behind,
 below the deadline. Under sustained load there is always a new request to admit the moment room opens,
