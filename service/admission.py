@@ -15,8 +15,9 @@ completes, so it cannot correct an optimistic rate; each miss therefore cuts the
 retrieval under a burst, a neighbour process) would keep admitting work that times out. The cuts stop at
 ``floor`` x the rate measured at start: a rate cut so far that nothing is admitted would never see a
 completion to raise it again. Background
-preference generations count too (their prompt plus their generation budget, in the same token
-units), since they take the same cores; but they do not teach the rate. Its budget counts one token per
+preference generations on the re-rank engine count too (their prompt plus their generation budget, in the
+same token units), since they take the same steps; on an engine of their own, niced below the re-rank
+engine, they are not counted (``LanguageModel._accounted``). Either way they do not teach the rate. Its budget counts one token per
 generated token, yet each of them is a whole engine step: alone in the engine, a preference (40 tokens,
 4-5 s on the AVX2 machine) reads as a few dozen tokens/s against ~450 for re-rank prompts, and a rate
 learnt from a stream of them shed every re-rank (the fault drill of 2026-12-04, docs/BENCHMARKS.md). Next
