@@ -163,3 +163,23 @@ def test_without_slots_every_prompt_goes_to_the_engine_at_once() -> None:
         return inside
 
     assert asyncio.run(scenario()) == 2
+
+
+def test_background_work_is_counted_ahead_of_re_ranks_only_on_their_engine(smollm2_tokenizer) -> None:
+    # a preference engine of its own runs niced below the re-rank engine (service.runtime): its generations
+    # are not queued ahead of re-ranks; on the re-rank engine they are, in its steps
+    from llm.engine import GenerationConfig
+    from llm.prompts import PromptConfig
+    from service.language_model import LanguageModel, LLMJobConfig
+    from service.telemetry import ServiceMetrics
+
+    cfg = LLMJobConfig(prompt=PromptConfig(), generation=GenerationConfig(), rerank_k=4, loras={})
+    rerank_engine, own_engine = object(), object()  # only which job shares which engine matters here
+    for preference_engine, counted in ((rerank_engine, 50), (own_engine, 0)):
+        engines = {"rerank": rerank_engine, "preference": preference_engine}
+        llm = LanguageModel(engines, smollm2_tokenizer, cfg, ServiceMetrics(), Admission(rate=100.0))  # type: ignore[arg-type]
+        with llm._accounted("preference", 50, None):
+            assert llm.admission.pending == counted
+            with llm._accounted("rerank", 30, None):
+                assert llm.admission.pending == counted + 30
+        assert llm.admission.pending == 0
