@@ -14,15 +14,14 @@ completes, so it cannot correct an optimistic rate; each miss therefore cuts the
 (completed work raises it again): without that, an engine slowed by other load (the service's own
 retrieval under a burst, a neighbour process) would keep admitting work that times out. The cuts stop at
 ``floor`` x the rate measured at start: a rate cut so far that nothing is admitted would never see a
-completion to raise it again. Background
-preference generations on the re-rank engine count too (their prompt plus their generation budget, in the
-same token units), since they take the same steps; on an engine of their own, niced below the re-rank
-engine, they are not counted (``LanguageModel._accounted``). Either way they do not teach the rate. Its budget counts one token per
-generated token, yet each of them is a whole engine step: alone in the engine, a preference (40 tokens,
-4-5 s on the AVX2 machine) reads as a few dozen tokens/s against ~450 for re-rank prompts, and a rate
-learnt from a stream of them shed every re-rank (the fault drill of 2026-12-04, docs/BENCHMARKS.md). Next
-to re-ranks its decode steps ride in their steps almost free; a re-rank busy period that overlaps one
-still counts the time its prompt took.
+completion to raise it again. Background preference generations on the re-rank engine count too (their
+prompt plus their generation budget, in the same token units), since they take the same steps; on an
+engine of their own, niced below the re-rank engine, they are not counted (``LanguageModel._accounted``).
+Either way they do not teach the rate. A generation's budget counts one token per generated token, yet each
+is a whole engine step: alone in the engine, a preference (40 tokens, 4-5 s on the AVX2 machine) reads as
+a few dozen tokens/s against ~450 for re-rank prompts, and a rate learnt from a stream of them shed every
+re-rank (the fault drill of 2026-12-04, docs/BENCHMARKS.md). Next to re-ranks its decode steps ride in
+their steps almost free; a re-rank busy period that overlaps one still counts the time its prompt took.
 
 ``queue_s`` (the ``admission_queue_ms`` setting) bounds the predicted time admitted work may wait behind,
 below the deadline. Under sustained load there is always a new request to admit the moment room opens,
