@@ -20,11 +20,14 @@ import asyncio
 import functools
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import psutil
 
 from llm.engine import EngineConfig, EngineCounters, async_engine, resolve_dtype, resolve_step_tokens
 from llm.models import resolve_model
@@ -122,12 +125,11 @@ def lower_priority(nice: int, pids: Iterable[int] | None = None) -> None:
     and encoding would otherwise take the cores from the work that yields LLM-scored answers
     (docs/BENCHMARKS.md). Called with the processes of an engine that only generates preferences in the
     background: re-ranks, which a user waits for, get the cores first (docs/DECISIONS.md)."""
-    for pid in [0] if pids is None else list(pids):
-        task_dir = f"/proc/{pid or 'self'}/task"
-        try:
-            tids = [int(t) for t in os.listdir(task_dir)]
-        except OSError:  # not Linux (the process as a whole), or a process that ended meanwhile
-            tids = [pid]
+    for pid in [os.getpid()] if pids is None else pids:
+        try:  # elsewhere than Linux the niceness is the process's
+            tids = [t.id for t in psutil.Process(pid).threads()] if sys.platform.startswith("linux") else [pid]
+        except psutil.Error:  # a process that ended meanwhile
+            continue
         for tid in tids:
             try:
                 os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
@@ -136,21 +138,8 @@ def lower_priority(nice: int, pids: Iterable[int] | None = None) -> None:
 
 
 def _descendants() -> set[int]:
-    """The pids of this process's children, grandchildren, ... (Linux ``/proc``; empty elsewhere)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state
-    found: set[int] = set()
-    frontier = {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
+    """The pids of this process's children, grandchildren, ..."""
+    return {child.pid for child in psutil.Process().children(recursive=True)}
 
 
 async def _warm_cache(cache: PreferenceCache, artifacts: Artifacts) -> None:

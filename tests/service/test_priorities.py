@@ -12,7 +12,7 @@ import pytest
 
 from service.runtime import _descendants, lower_priority
 
-pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="niceness per thread is read from Linux /proc")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="niceness is per thread on Linux only")
 
 # a child with a second thread, as an engine process has its OpenMP threads
 CHILD = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
