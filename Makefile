@@ -5,6 +5,11 @@ PIP := $(PYTHON) -m pip
 STAMP := .install.stamp
 RUN ?= runs/default
 CONFIG ?= default
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# `python -m dpo4rec`, not the `dpo4rec` console script: on pyenv a script pip has just installed is not
+# on PATH until `pyenv rehash`, and the quick start runs right after the install.
+DPO4REC := $(PYTHON) -m dpo4rec
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
@@ -12,7 +17,7 @@ export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test serve run lint bench
+.PHONY: install test serve run lint bench quickstart-check
 
 install: $(STAMP)
 
@@ -24,10 +29,14 @@ test: install
 	$(PYTHON) -m pytest -q
 
 run: install
-	@test -f $(RUN)/manifest.json || dpo4rec train --config $(CONFIG) --out $(RUN)
+	@test -f $(RUN)/manifest.json || $(DPO4REC) train --config $(CONFIG) --out $(RUN)
 
 serve: run
-	dpo4rec serve --run $(RUN)
+	$(DPO4REC) serve --run $(RUN) --host $(HOST) --port $(PORT)
+
+# What CI runs after the suite: the quick start as a user types it, on a tiny run (scripts/quickstart_check.sh).
+quickstart-check: install
+	bash scripts/quickstart_check.sh
 
 lint: install
 	ruff check . && ruff format --check . && mypy
