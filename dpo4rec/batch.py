@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm.auto import tqdm
 
 from rundir.manifest import RunDirError, atomic_write_text, read_manifest
@@ -308,6 +310,22 @@ def _local_stream(spec: JobSpec, pending: list[str], chunk_size: int, _: int) ->
         worker.close()
 
 
+class RaySettings(BaseSettings):
+    """The Ray path's own settings, read by the driver before any worker (and its ``Settings``) exists."""
+
+    model_config = SettingsConfigDict(env_prefix="DPO4REC_RAY_", env_file=None, extra="ignore")
+
+    address: str | None = Field(
+        default=None,
+        validation_alias="RAY_ADDRESS",  # Ray's own name for it (no prefix), the one Ray's docs use
+        description="Ray cluster to submit to, e.g. `ray://head:10001` (or `auto` on a cluster node); unset: "
+        "start Ray on this machine",
+    )
+    actor_cpus: float = Field(
+        default=1.0, description="CPUs each engine-owning Ray Data actor reserves (fractions allowed)"
+    )
+
+
 def _ray_stream(spec: JobSpec, pending: list[str], chunk_size: int, actors: int) -> Iterator[list[str]]:
     """The same chunks through Ray Data: ``map_batches`` over ``actors`` engine-owning actors, in order."""
     if not pending:
@@ -316,8 +334,9 @@ def _ray_stream(spec: JobSpec, pending: list[str], chunk_size: int, actors: int)
         import ray
     except ImportError as e:
         raise RuntimeError("the Ray path needs the ray extra: pip install -e '.[ray]'") from e
+    ray_settings = RaySettings()
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+        ray.init(address=ray_settings.address, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the checkpoint is in input order
     ds = ray.data.from_items([{"payload": p} for p in pending]).map_batches(
@@ -326,7 +345,7 @@ def _ray_stream(spec: JobSpec, pending: list[str], chunk_size: int, actors: int)
         batch_size=chunk_size,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=float(os.environ.get("DPO4REC_RAY_ACTOR_CPUS", "1")),
+        num_cpus=ray_settings.actor_cpus,
     )
     for batch in ds.iter_batches(batch_size=chunk_size, batch_format="pandas"):
         yield [str(x) for x in batch["line"]]

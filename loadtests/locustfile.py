@@ -16,14 +16,8 @@ Everywhere else only a 200 with a well-formed body is a success; every 5xx is a 
 ``degraded`` list are counted by reason. At test stop the counts and locust's own per-scenario stats
 (percentiles, RPS) go to a JSON file, which ``loadtests/run.py`` reads.
 
-Environment:
-
-- ``DPO4REC_LOADTEST_RUN`` (required): the run directory the service serves (``users.json``,
-  ``catalog.jsonl``);
-- ``DPO4REC_LOADTEST_COUNTS``: where to write the JSON at test stop (unset: not written);
-- ``DPO4REC_LOADTEST_MAX_REQUESTS``: stop the whole test after this many requests (unset or 0: no cap);
-- ``DPO4REC_LOADTEST_WAIT_S``: each user's think time between requests is uniform in [0, this] (0.1);
-- ``DPO4REC_LOADTEST_API_KEY``: sent as ``Authorization: Bearer`` when the service requires keys.
+Environment: ``DPO4REC_LOADTEST_*``, read once per locust process by ``LoadTestSettings`` below (its
+field descriptions say what each variable does; ``DPO4REC_LOADTEST_RUN`` is required).
 
 Run it with ``python -m loadtests.run`` (which starts the service too), or by hand against a running
 service::
@@ -39,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import uuid
 from collections import Counter, defaultdict
@@ -50,18 +43,41 @@ import gevent
 from locust import HttpUser, between, events, task
 from locust.env import Environment
 from locust.exception import StopUser
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger(__name__)
-
-RUN_ENV = "DPO4REC_LOADTEST_RUN"
-COUNTS_ENV = "DPO4REC_LOADTEST_COUNTS"
-MAX_REQUESTS_ENV = "DPO4REC_LOADTEST_MAX_REQUESTS"
-WAIT_ENV = "DPO4REC_LOADTEST_WAIT_S"
-API_KEY_ENV = "DPO4REC_LOADTEST_API_KEY"
 
 SCENARIOS = ("known_user", "new_user", "rerank_only", "bad_request")
 BAD_KINDS = ("malformed_json", "unknown_candidates", "unknown_history", "unknown_user")
 PERCENTILES = (0.5, 0.95, 0.99)
+
+
+# ---- the environment ----------------------------------------------------------------------------------
+
+
+class LoadTestSettings(BaseSettings):
+    """The load test's environment (``loadtests/run.py`` sets it); an empty variable counts as unset."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DPO4REC_LOADTEST_", env_file=None, env_ignore_empty=True, extra="ignore"
+    )
+
+    run: Path | None = Field(
+        default=None,
+        description="run directory the service serves (users.json, catalog.jsonl); required to send requests",
+    )
+    counts: Path | None = Field(default=None, description="where to write the JSON at test stop; unset: not written")
+    max_requests: int = Field(default=0, description="stop the whole test after this many requests; 0: no cap")
+    wait_s: float = Field(
+        default=0.1, description="each user's think time between requests is uniform in [0, this] seconds"
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="sent as `Authorization: Bearer` when the service requires keys; unset: none sent"
+    )
+
+
+settings = LoadTestSettings()
 
 
 # ---- the run's users and items ------------------------------------------------------------------------
@@ -91,10 +107,9 @@ _run_data: RunData | None = None
 def run_data() -> RunData:
     global _run_data
     if _run_data is None:
-        run = os.environ.get(RUN_ENV)
-        if not run:
-            raise RuntimeError(f"set {RUN_ENV} to the run directory the service serves")
-        _run_data = RunData(Path(run))
+        if settings.run is None:
+            raise RuntimeError("set DPO4REC_LOADTEST_RUN to the run directory the service serves")
+        _run_data = RunData(settings.run)
     return _run_data
 
 
@@ -110,7 +125,7 @@ class Tally:
         self.degraded: dict[str, Counter[str]] = defaultdict(Counter)  # scenario -> reason -> n
         self.degraded_responses: Counter[str] = Counter()  # scenario -> answers with a non-empty list
         self.sources: Counter[str] = Counter()  # preference_source of the 200 answers
-        self.max_requests = int(os.environ.get(MAX_REQUESTS_ENV) or 0)
+        self.max_requests = settings.max_requests
         self.started = 0  # requests begun (the cap counts these)
         self.stopped_by: str | None = None
 
@@ -181,10 +196,9 @@ tally = Tally()
 
 
 def write_counts(environment: Environment) -> None:
-    path = os.environ.get(COUNTS_ENV)
-    if not path:
+    if settings.counts is None:
         return
-    out = Path(path)
+    out = settings.counts
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(tally.report(environment), indent=1) + "\n")
@@ -207,14 +221,13 @@ def _on_quitting(environment: Environment, **_: Any) -> None:
 class RerankUser(HttpUser):
     """Sends ``POST /rerank`` of the four kinds, weighted."""
 
-    wait_time = between(0.0, float(os.environ.get(WAIT_ENV) or 0.1))
+    wait_time = between(0.0, settings.wait_s)
 
     def on_start(self) -> None:
         self.data = run_data()
         self.rng = random.Random()
-        key = os.environ.get(API_KEY_ENV)
-        if key:
-            self.client.headers["Authorization"] = f"Bearer {key}"
+        if settings.api_key is not None:
+            self.client.headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
 
     # ---- scenarios ----
 
