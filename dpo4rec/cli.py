@@ -121,5 +121,87 @@ def rerank(
     console.print(f"{result.total} answers ({errors} errors) -> {result.output}")
 
 
+items_app = typer.Typer(help="New items in a run without retraining; items out of retrieval.", no_args_is_help=True)
+runs_app = typer.Typer(help="Run roots: versioned run directories and a current pointer.", no_args_is_help=True)
+app.add_typer(items_app, name="items")
+app.add_typer(runs_app, name="runs")
+RunArg = Annotated[Path, typer.Argument(help="a run root (its current version moves) or a single run directory")]
+ItemsOut = Annotated[Path | None, typer.Option(help="where the new version goes when RUN is a single run directory")]
+
+
+@items_app.command("add")
+def items_add(
+    run: RunArg,
+    file: Annotated[Path, typer.Argument(help="JSONL or CSV of new items: id, title, genres, year")],
+    out: ItemsOut = None,
+    verbose: Verbose = False,
+) -> None:
+    """Add items: their text through the run's content tower into catalog, retriever and FAISS index (seconds)."""
+    _setup(verbose)
+    from dpo4rec.items import ItemsFileError, add_items
+    from rundir.manifest import RunDirError
+
+    try:
+        result = add_items(run, file, out)
+    except (ItemsFileError, RunDirError) as e:
+        console.print(f"[red]items add: {e}[/red]")
+        raise typer.Exit(2) from None
+    console.print(f"{len(result.added)} items added in {result.seconds:.1f} s -> {result.run_dir} ({result.version})")
+
+
+@items_app.command("remove")
+def items_remove(
+    run: RunArg,
+    ids: Annotated[list[str], typer.Argument(help="item ids to take out of retrieval")],
+    out: ItemsOut = None,
+    verbose: Verbose = False,
+) -> None:
+    """Take items out of retrieval (they stay in the catalog, so histories holding them still read)."""
+    _setup(verbose)
+    from dpo4rec.items import ItemsFileError, remove_items
+    from rundir.manifest import RunDirError
+
+    try:
+        result = remove_items(run, ids, out)
+    except (ItemsFileError, RunDirError) as e:
+        console.print(f"[red]items remove: {e}[/red]")
+        raise typer.Exit(2) from None
+    console.print(f"{len(result.removed)} items out of retrieval -> {result.run_dir} ({result.version})")
+
+
+@runs_app.command("init")
+def runs_init(
+    root: Annotated[Path, typer.Argument(help="the run root to create")],
+    run: Annotated[Path, typer.Argument(help="a run directory, moved into the root as its first version")],
+) -> None:
+    """Make a run root that serves RUN (moved into it); later versions are published into it."""
+    from rundir.versions import init_root
+
+    console.print(f"{root}/current -> {init_root(root, run)}")
+
+
+@runs_app.command("list")
+def runs_list(root: Annotated[Path, typer.Argument(help="a run root")]) -> None:
+    """The versions in a run root, oldest first; the current one marked."""
+    from rundir.versions import current_version, versions
+
+    now = current_version(root)
+    for version in versions(root):
+        console.print(f"{'*' if version == now else ' '} {version}")
+
+
+@app.command()
+def rollback(root: Annotated[Path, typer.Argument(help="a run root")]) -> None:
+    """Move a run root's current pointer back to the version it served before."""
+    from rundir.manifest import RunDirError
+    from rundir.versions import rollback as roll_back
+
+    try:
+        console.print(f"{root}/current -> {roll_back(root)}")
+    except RunDirError as e:
+        console.print(f"[red]rollback: {e}[/red]")
+        raise typer.Exit(2) from None
+
+
 if __name__ == "__main__":
     app()

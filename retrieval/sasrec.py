@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -275,6 +275,19 @@ class SASRec(nn.Module):
     def item_vectors(self) -> np.ndarray:
         """Item embeddings (N+1, H) float32; row 0 is padding (all zeros)."""
         return self.item_embedding.weight.detach().cpu().numpy().astype(np.float32)
+
+    def with_items(self, vectors: np.ndarray) -> SASRec:
+        """A copy that knows M more items (indices N+1..N+M) whose embeddings are ``vectors`` (M, H), e.g. the
+        content tower's: they are scored, retrieved and read in histories like trained items."""
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.cfg.hidden:
+            raise ValueError(f"new item vectors must be (M, {self.cfg.hidden}), got {vectors.shape}")
+        grown = SASRec(replace(self.cfg, num_items=self.cfg.num_items + len(vectors)))
+        state = self.state_dict()
+        old = state["item_embedding.weight"]  # (N+1, H)
+        state["item_embedding.weight"] = torch.cat([old, torch.from_numpy(vectors).to(old)])  # (N+M+1, H)
+        grown.load_state_dict(state)
+        return grown.to(old.device).eval()
 
     # ---- persistence --------------------------------------------------------------------------------
 

@@ -17,12 +17,16 @@ from typing import Any
 import numpy as np
 
 from retrieval.catalog import Catalog
+from retrieval.content import CONTENT_FILE, ContentTower
 from retrieval.encoder import EncoderConfig
 from retrieval.index import ItemIndex
 from retrieval.sasrec import SASRec
 from rundir.manifest import RunDirError, read_manifest, verify
 from rundir.preferences import load_preferences
 from rundir.spec import LLMSpec, load_llm_spec, read_json
+from rundir.versions import resolve
+
+ITEMS_FILE = "items.json"  # {"added": [ids], "removed": [ids]}: what ``dpo4rec items`` changed since training
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,8 @@ class Artifacts:
     users: dict[str, list[int]]  # user -> served history (catalog indices, time order)
     llm: LLMSpec
     ignored: list[str] = field(default_factory=list)  # llm.json keys this code does not know
+    content: ContentTower | None = None  # item text -> item vector (content_tower.npz); None in older runs
+    retired: frozenset[int] = frozenset()  # items taken out of retrieval (``dpo4rec items remove``)
 
     def preference_of(self, user_id: str) -> tuple[str, np.ndarray] | None:
         row = self.preference_rows.get(user_id)
@@ -63,8 +69,9 @@ class Artifacts:
 
 
 def load_artifacts(root: Path, checksums: bool = True) -> Artifacts:
-    """Verify and load a run directory; raises :class:`RunDirError` naming the problem."""
-    root = Path(root)
+    """Verify and load a run directory (or a run root's ``current`` version); raises :class:`RunDirError`
+    naming the problem."""
+    root = resolve(Path(root))
     manifest = verify(root, required=REQUIRED_FILES, checksums=checksums)
     version = str(manifest.get("version") or "")
     if not version:
@@ -97,6 +104,8 @@ def load_artifacts(root: Path, checksums: bool = True) -> Artifacts:
         raise RunDirError(f"{root / 'users.json'}: item indices outside 1..{n} for users {bad[:5]}")
     ignored: list[str] = []
     llm = load_llm_spec(root, ignored)
+    content = read_content_tower(root, retriever.cfg.hidden)
+    retired = frozenset(catalog.indices_of(read_item_changes(root)["removed"]))
     log.info("loaded run %s (version %s): %d items, %d users, %d preferences", root, version, n, len(users), len(rows))
     return Artifacts(
         root=root,
@@ -112,29 +121,53 @@ def load_artifacts(root: Path, checksums: bool = True) -> Artifacts:
         users=users,
         llm=llm,
         ignored=ignored,
+        content=content,
+        retired=retired,
     )
+
+
+def read_content_tower(root: Path, hidden: int) -> ContentTower | None:
+    """The run's content tower, or None when the run has none (written before it existed)."""
+    path = Path(root) / CONTENT_FILE
+    if not path.is_file():
+        return None
+    try:
+        tower = ContentTower.load(path)
+    except (OSError, KeyError, ValueError) as e:
+        raise RunDirError(f"{path}: not a content tower ({e})") from None
+    if tower.weight.shape[1] != hidden:
+        raise RunDirError(f"{path} maps into {tower.weight.shape[1]}-d, the retriever's item vectors are {hidden}-d")
+    return tower
+
+
+def read_item_changes(root: Path) -> dict[str, list[str]]:
+    """``items.json``: the item ids added and removed since training (empty lists when the file is absent)."""
+    if not (Path(root) / ITEMS_FILE).is_file():
+        return {"added": [], "removed": []}
+    raw = read_json(Path(root), ITEMS_FILE)
+    return {key: [str(i) for i in raw.get(key) or []] for key in ("added", "removed")}
 
 
 def read_users(root: Path) -> dict[str, list[int]]:
     """``users.json``: user -> served history (catalog indices, time order)."""
-    return {str(u): [int(i) for i in items] for u, items in read_json(Path(root), "users.json").items()}
+    return {str(u): [int(i) for i in items] for u, items in read_json(resolve(Path(root)), "users.json").items()}
 
 
 def read_catalog(root: Path) -> Catalog:
-    return Catalog.load(Path(root) / "catalog.jsonl")
+    return Catalog.load(resolve(Path(root)) / "catalog.jsonl")
 
 
 def read_retriever(root: Path) -> SASRec:
-    return SASRec.load(Path(root) / "retriever")
+    return SASRec.load(resolve(Path(root)) / "retriever")
 
 
 def read_encoder_config(root: Path) -> EncoderConfig:
-    return EncoderConfig(**read_json(Path(root), "encoder.json"))
+    return EncoderConfig(**read_json(resolve(Path(root)), "encoder.json"))
 
 
 def read_version(root: Path) -> str:
     """The run's model version (``manifest.json``); a ``RunDirError`` when ``root`` is not a run."""
-    return str(read_manifest(Path(root)).get("version") or "")
+    return str(read_manifest(resolve(Path(root))).get("version") or "")
 
 
 def read_dpo_pairs(root: Path, round_: int) -> list[dict[str, Any]]:

@@ -18,12 +18,16 @@ from typing import Any
 import numpy as np
 
 from retrieval.catalog import Catalog
+from retrieval.content import CONTENT_FILE, ContentTower
 from retrieval.encoder import EncoderConfig
 from retrieval.index import ItemIndex
 from retrieval.sasrec import SASRec
-from rundir.manifest import staging_dir, write_manifest
+from rundir.manifest import MANIFEST, read_manifest, staging_dir, write_manifest
 from rundir.preferences import save_preferences
+from rundir.reader import ITEMS_FILE, Artifacts
 from rundir.spec import LLMSpec, write_llm_spec
+
+RUN_KEYS = {"format_version", "version", "dataset", "config", "files", "metrics"}  # write_manifest's own
 
 
 @dataclass
@@ -40,6 +44,7 @@ class RunContents:
     llm: LLMSpec  # adapters: the folders training wrote (copied to adapters/<job>)
     metrics: dict[str, Any]  # metrics.json
     files: dict[str, Path] = field(default_factory=dict)  # run-relative name -> a file to copy (DPO pairs)
+    content: ContentTower | None = None  # item text -> item vector, for items added after training
 
 
 def write_run(
@@ -69,8 +74,45 @@ def write_run(
         for name, source in contents.files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / name)
+        if contents.content is not None:
+            contents.content.save(tmp / CONTENT_FILE)
         (tmp / "metrics.json").write_text(json.dumps(contents.metrics, indent=2))
         if report is not None:
             report(tmp)
         write_manifest(tmp, version=version, dataset=dataset, config=config, metrics=headline, extra=extra)
+    return Path(out)
+
+
+def derive_run(
+    source: Artifacts,
+    out: Path,
+    *,
+    version: str,
+    changes: dict[str, list[str]],
+    catalog: Catalog | None = None,
+    retriever: SASRec | None = None,
+    content: ContentTower | None = None,
+) -> Path:
+    """A new run directory ``out`` (staged, then renamed): a copy of ``source`` with the catalog, the retriever
+    (and the FAISS index over its item vectors, of the same kind) and the content tower replaced where given,
+    ``items.json`` set to ``changes``, and a manifest naming ``version`` and its parent."""
+    with staging_dir(Path(out)) as tmp:
+        shutil.copytree(source.root, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST))
+        if catalog is not None:
+            catalog.save(tmp / "catalog.jsonl")
+        if retriever is not None:
+            shutil.rmtree(tmp / "retriever")
+            retriever.save(tmp / "retriever")
+            ItemIndex(retriever.item_vectors(), kind=source.index.kind).save(tmp / "index.faiss")  # type: ignore[arg-type]
+        if content is not None:
+            content.save(tmp / CONTENT_FILE)
+        (tmp / ITEMS_FILE).write_text(json.dumps(changes, indent=2))
+        old = read_manifest(source.root)
+        extra = {k: v for k, v in old.items() if k not in RUN_KEYS}
+        extra.update(
+            parent_version=source.version, items_added=len(changes["added"]), items_removed=len(changes["removed"])
+        )
+        write_manifest(
+            tmp, version=version, dataset=old["dataset"], config=old["config"], metrics=old.get("metrics"), extra=extra
+        )
     return Path(out)

@@ -9,10 +9,13 @@ non-increasing down the results:
 - items below position K: rank-derived, squashed under the lowest re-ranked probability ``p_min``:
   ``p_min * (n - j) / (n - K + 1)`` at incoming position j (K <= j < n), so they stay strictly below
   every re-ranked item (when ``p_min > 0``) and keep their order;
-- no LLM scores (disabled, timed out, failed): rank-derived over the whole list, ``(n - j) / n``.
+- no LLM scores (weight 0, shed, timed out, failed) and the retriever's scores known: those scores (its
+  inner products, the new items' through their content vectors), the order they sort into;
+- no LLM scores and no retriever scores (a run scored by the LLM alone, given candidates): rank-derived over
+  the caller's order, ``(n - j) / n``.
 
-Rank-derived rather than the retriever's raw inner products, because those are unbounded and absent
-for given candidates; the scores carry the order, the probabilities carry the LLM's confidence.
+The probabilities carry the LLM's confidence; the tail's rank-derived scores keep it below the head, where
+the retriever's unbounded inner products could not.
 """
 
 from __future__ import annotations
@@ -26,11 +29,16 @@ def rank_scores(n: int, top: float = 1.0, offset: int = 0) -> list[float]:
     return [top * (n - j) / span for j in range(offset, n)]
 
 
-def final_order(n: int, probabilities: np.ndarray | None) -> tuple[list[int], list[float]]:
-    """Positions into the incoming candidate list, best first, and their relevance scores."""
+def final_order(
+    n: int, probabilities: np.ndarray | None, retriever: np.ndarray | None = None
+) -> tuple[list[int], list[float]]:
+    """Positions into the incoming candidate list (sorted by ``retriever`` when given), best first, and their
+    relevance scores."""
     if n == 0:
         return [], []
     if probabilities is None or len(probabilities) == 0:
+        if retriever is not None and len(retriever) == n:
+            return list(range(n)), [float(x) for x in retriever]
         return list(range(n)), rank_scores(n)
     k = len(probabilities)
     if k > n:

@@ -20,6 +20,7 @@ of time or failing degrades (flagged), never fails the request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -31,6 +32,8 @@ import numpy as np
 
 from llm.prompts import HistoryItem
 from llm.scoring import ScoringSpec, fused_scores
+from retrieval.catalog import Item
+from retrieval.content import text_vectors
 from rundir.items import prompt_item, prompt_items
 from rundir.reader import Artifacts
 from service.admission import Late
@@ -74,6 +77,7 @@ class Candidate:
     item_id: str
     index: int | None  # catalog index; None: a new item, known only by the text the request gave
     text: HistoryItem  # what the LLM reads
+    position: int = 0  # in the request's candidate list, or the retrieved one (the answer's ``index``)
 
 
 class RerankPipeline:
@@ -98,6 +102,7 @@ class RerankPipeline:
         # what the run chose (llm.json "scoring"), or the operator's override (service.runtime.served_scoring);
         # weight 0: the LLM did not help on validation, and it is never called
         self.scoring = scoring or artifacts.llm.scoring
+        self.content = artifacts.content  # new items' text -> item vectors (None: a run without a tower)
         if self.scoring.log_prior is not None:  # the prior covers the labels the run measured, no more
             self.rerank_k = min(self.rerank_k, len(self.scoring.log_prior))
 
@@ -134,15 +139,15 @@ class RerankPipeline:
         if unknown:
             raise UnknownItemsError("candidates", unknown)
         return [
-            self._candidate(catalog.indices_of([item_id])[0])
+            self._candidate(catalog.indices_of([item_id])[0], j)
             if item_id in catalog
-            else Candidate(item_id, None, _text_of(entry))
-            for item_id, entry in zip(ids, req.candidates, strict=True)
+            else Candidate(item_id, None, _text_of(entry), j)
+            for j, (item_id, entry) in enumerate(zip(ids, req.candidates, strict=True))
         ]
 
-    def _candidate(self, index: int) -> Candidate:
+    def _candidate(self, index: int, position: int) -> Candidate:
         item = self.artifacts.catalog[index]
-        return Candidate(item.item_id, index, prompt_item(item))
+        return Candidate(item.item_id, index, prompt_item(item), position)
 
     # ---- stages -------------------------------------------------------------------------------------
 
@@ -163,26 +168,43 @@ class RerankPipeline:
         self, history: list[int], vector: np.ndarray | None, k: int
     ) -> tuple[list[Candidate], np.ndarray]:
         """Top-k unseen items for the user, best first, and their retriever scores."""
-        seen = set(history)
-        k = min(k, self.artifacts.index.num_items - len(seen))
+        banned = set(history) | self.artifacts.retired  # seen, or taken out of retrieval (``items remove``)
+        k = min(k, self.artifacts.index.num_items - len(banned))
         if k < 1:
             return [], np.empty(0)
         query = (await self._query((history, vector))).reshape(1, -1)
-        scores, items = await asyncio.to_thread(self.artifacts.index.search, query, k, exclude=[seen])  # (1, k)
+        scores, items = await asyncio.to_thread(self.artifacts.index.search, query, k, exclude=[banned])  # (1, k)
         keep = items[0] > 0
-        return [self._candidate(int(i)) for i in items[0][keep]], scores[0][keep].astype(np.float64)
+        found = [self._candidate(int(i), j) for j, i in enumerate(items[0][keep])]
+        return found, scores[0][keep].astype(np.float64)
 
     async def _scores_of(
         self, history: list[int], vector: np.ndarray | None, candidates: list[Candidate]
     ) -> np.ndarray:
-        """The retriever's scores of given candidates (inner products, as the index would give them); a new
-        item, which the retriever has never seen, gets the prior ``new_item_score`` of the known ones."""
+        """The retriever's scores of given candidates (inner products, as the index would give them). A new
+        item, which the retriever has never seen, is scored through its content vector (its text through the
+        run's content tower, as ``dpo4rec items add`` would store it); a run without a tower gives it the prior
+        ``new_item_score`` of the known ones."""
         query = await self._query((history, vector))
         known = [c.index for c in candidates if c.index is not None]
         scores = self.item_vectors[known] @ query if known else np.zeros(0)
-        prior = float(getattr(np, self.settings.new_item_score)(scores)) if known else 0.0  # min | mean | max
+        new = [c.text for c in candidates if c.index is None]
+        if new and self.content is not None:
+            new_scores = iter((await asyncio.to_thread(self._content_vectors, new)) @ query)
+        else:
+            prior = float(getattr(np, self.settings.new_item_score)(scores)) if known else 0.0  # min | mean | max
+            new_scores = iter([prior] * len(new))
         values = iter(scores.tolist())
-        return np.array([next(values) if c.index is not None else prior for c in candidates], dtype=np.float64)
+        return np.array([next(values) if c.index is not None else next(new_scores) for c in candidates], np.float64)
+
+    def _content_vectors(self, texts: list[HistoryItem]) -> np.ndarray:
+        """Content-tower vectors (M, H) of new items' texts, each encoded once per process (LRU by text)."""
+        return np.stack([self._content_vector(t.title, tuple(t.genres), t.year) for t in texts])
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019  # one pipeline per service version: the cache goes with it
+    def _content_vector(self, title: str, genres: tuple[str, ...], year: int | None) -> np.ndarray:
+        assert self.content is not None
+        return text_vectors(self.content, self.preferences.encoder, [Item("", title, genres, year)])[0]  # (H,)
 
     async def _rerank(
         self,
@@ -268,14 +290,17 @@ class RerankPipeline:
         vector = resolved.preference.vector if resolved.preference is not None else None
         text = resolved.preference.text if resolved.preference is not None else ""
 
-        fuse = self.llm is not None and self.scoring.uses_llm and self.scoring.weight is not None
+        # the retriever has a say in the order unless the run scores by the LLM alone (weight None): given
+        # candidates are then sorted by it too, new items by their content vectors, before the LLM sees the top K
+        weighted = self.scoring.weight is not None
         with clock.stage("retrieve", self.metrics):
             retriever_scores = None
             if given is not None:
                 candidates = given
-                if fuse and candidates:  # the fused score needs the retriever's view of the given items
-                    head = candidates[: self.rerank_k]
-                    retriever_scores = await self._scores_of(history, vector, head)
+                if weighted and candidates:
+                    retriever_scores = await self._scores_of(history, vector, candidates)
+                    by_score = np.argsort(-retriever_scores, kind="stable")
+                    candidates, retriever_scores = [candidates[j] for j in by_score], retriever_scores[by_score]
             else:
                 k = max(settings.retrieve_k, top_n)
                 candidates, retriever_scores = await self._retrieve(history, vector, k)
@@ -289,9 +314,9 @@ class RerankPipeline:
             finally:
                 resolved.release()  # a background generation this request caused may start now
 
-        order, scores = final_order(len(candidates), probabilities)
+        order, scores = final_order(len(candidates), probabilities, retriever_scores)
         results = [
-            self._result(candidates[j], j, score, req.return_items)
+            self._result(candidates[j], candidates[j].position, score, req.return_items)
             for j, score in zip(order[:top_n], scores[:top_n], strict=True)
         ]
         clock.timings_ms["total"] = round((time.perf_counter() - clock.start) * 1000, 3)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from llm.engine import GenerationConfig
+from retrieval.content import ContentTower, fit_text_tower
 from retrieval.encoder import EncoderConfig, TextEncoder
 from retrieval.index import ItemIndex
 from rundir.spec import LLMSpec
@@ -103,6 +104,8 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
             test_seqs = _test_sequences(base.split, base.users)
             queries = served.retriever.user_vectors([test_seqs[u] for u in base.users], served.vectors)
             index_recall = index.recall_vs_exact(queries, k=20)
+        with timer("content_tower"):
+            content = fit_content_tower(base, served.retriever.item_vectors())
         rows = [system_row(name, r) for name, r in ranks.items()]
         metrics_doc = {
             "split": "test",
@@ -110,12 +113,13 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dic
             "rows": rows,
             "comparisons": comparisons,
             "index_recall_at_20_vs_exact": index_recall,
+            "content_tower": {"alpha": content.alpha, "holdout_r2": content.holdout_r2},
             "stage_seconds": timer.seconds,
             "curves": curves,
         }
         if llm.aligned or llm.reranked:  # the served retriever, reward distributions, DPO curves, re-rank details
             metrics_doc.update({"served_retriever": served.row, **doc})
-        version = _write(cfg, out, base, llm, index, metrics_doc, overwrite)
+        version = _write(cfg, out, base, llm, index, content, metrics_doc, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("run written to %s (version %s)", out, version)
@@ -177,6 +181,7 @@ def _write(
     base: _Base,
     llm: _LLMStages,
     index: ItemIndex,
+    content: ContentTower,
     metrics_doc: dict[str, Any],
     overwrite: bool,
 ) -> str:
@@ -218,6 +223,7 @@ def _write(
             llm=spec,
             metrics=metrics_doc,
             files=aligned.files if aligned else {},
+            content=content,
         ),
         version=version,
         dataset=dataset.name,
@@ -228,6 +234,15 @@ def _write(
         overwrite=overwrite,
     )
     return version
+
+
+def fit_content_tower(base: _Base, item_vectors: np.ndarray) -> ContentTower:
+    """The content tower (``retrieval.content``) fit on the warm items: those in some user's training items,
+    their served retriever vectors (N+1, H) the targets, their text through the run's sentence encoder."""
+    warm = sorted({i for u in base.users for i in base.split.users[u].train})
+    tower = fit_text_tower(base.encoder, base.dataset.catalog, warm, item_vectors)
+    log.info("content tower on %d warm items: alpha %g, held-out R^2 %.3f", len(warm), tower.alpha, tower.holdout_r2)
+    return tower
 
 
 def _test_sequences(split: Split, users: list[str]) -> dict[str, list[int]]:

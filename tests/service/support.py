@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from retrieval.catalog import Catalog, Item
+from retrieval.content import CONTENT_FILE, fit_text_tower
 from retrieval.encoder import EncoderConfig, TextEncoder
 from retrieval.index import ItemIndex
 from retrieval.sasrec import SASRec, SASRecConfig
@@ -61,7 +62,10 @@ def build_run_dir(root: Path, llm_dir: Path, seed: int = 0) -> Path:
         u: f"Likes {' and '.join(catalog[i].genres[0] for i in users[u][-2:])} films, mostly recent ones."
         for u in known
     }
-    vectors = TextEncoder(encoder_cfg).encode([texts[u] for u in known])
+    encoder = TextEncoder(encoder_cfg)
+    vectors = encoder.encode([texts[u] for u in known])
+    warm = sorted({i for history in users.values() for i in history})  # the content tower's fit
+    fit_text_tower(encoder, catalog, warm, model.item_vectors()).save(root / CONTENT_FILE)
     with open(root / "preferences.jsonl", "w", encoding="utf-8") as f:
         for u in known:
             f.write(json.dumps({"user_id": u, "text": texts[u]}) + "\n")

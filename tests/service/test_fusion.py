@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
 from llm.scoring import ScoringSpec
 from service.protocol import RerankRequest
@@ -48,3 +49,30 @@ def test_fused_order_moves_from_the_retrievers_to_the_llms_as_the_weight_grows(c
 def test_readyz_says_how_candidates_are_scored(client):
     rerank = client.get("/readyz").json()["checks"]["rerank"]
     assert rerank["ok"] and rerank["detail"].startswith("LLM order")  # the tiny run's llm.json has no scoring
+
+
+def test_given_candidates_are_ranked_by_the_retriever_and_new_items_by_their_content_vector(client, app):
+    """At weight 0 the answer is the retriever's order and score (not a rank) of the given candidates; a new item
+    is scored through the run's content tower, as ``dpo4rec items add`` would store it, not by a prior."""
+    from retrieval.catalog import Item
+    from retrieval.content import text_vectors
+
+    pipeline = pipeline_with(app, ScoringSpec(weight=0.0))
+    new = {"id": "new-1", "title": "Golden River 7 (2031)", "categories": ["Drama", "Romance"], "year": 2031}
+    request = RerankRequest(user_id="u6", candidates=["150", new, "141", "120", "101"], top_n=5)
+    answer = run_async(client, lambda: pipeline.rerank(request, "content"))
+    art = app.state.service.artifacts
+    _, pref = art.preference_of("u6")
+    query = art.retriever.user_vectors([art.users["u6"][-art.retriever.cfg.max_len :]], pref[None])[0]  # (H,)
+    vectors = art.retriever.item_vectors()
+    new_vector = text_vectors(
+        art.content, app.state.service.preferences.encoder, [Item("", new["title"], ("Drama", "Romance"), 2031)]
+    )[0]
+    expected = {i: float(vectors[art.catalog.index_of(i)] @ query) for i in ("150", "141", "120", "101")}
+    expected["new-1"] = float(new_vector @ query)
+    got = {r.item_id: r.relevance_score for r in answer.results}
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert [r.item_id for r in answer.results] == sorted(expected, key=lambda i: -expected[i])
+    assert {r.item_id: r.index for r in answer.results}["new-1"] == 1  # index: the position in the request
+    prior = float(np.mean([expected[i] for i in ("150", "141", "120", "101")]))
+    assert abs(expected["new-1"] - prior) > 1e-6  # the content score is not the old constant prior

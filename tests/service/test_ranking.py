@@ -40,3 +40,9 @@ def test_label_probabilities_normalise_and_reject_empty_output():
     assert label_probabilities(np.array([0.0, -np.inf]))[1] == 0.0
     with pytest.raises(LLMError):
         label_probabilities(np.array([-np.inf, -np.inf]))
+
+
+def test_without_llm_scores_the_retrievers_scores_are_the_relevance_scores():
+    retriever = np.array([2.5, 1.0, -0.3])
+    assert final_order(3, None, retriever) == ([0, 1, 2], [2.5, 1.0, -0.3])
+    assert final_order(3, None, None)[1] == [1.0, 2 / 3, 1 / 3]  # no retriever view: rank-derived
