@@ -121,6 +121,35 @@ def rerank(
     console.print(f"{result.total} answers ({errors} errors) -> {result.output}")
 
 
+@app.command()
+def coldstart(
+    out: Annotated[Path, typer.Option(help="folder for cold_start.json, cold_start.md and the plot")] = Path(
+        "runs/cold-start"
+    ),
+    config: Annotated[str, typer.Option(help="config name in training/configs or a YAML path")] = "default",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. retriever.epochs=50")] = None,
+    seeds: Annotated[str, typer.Option(help="comma-separated model seeds (the held-out split stays fixed)")] = "0,1,2",
+    llm: Annotated[bool, typer.Option(help="score the LLM arms (zero-shot, label prior removed)")] = True,
+    calibration_lists: Annotated[int, typer.Option(help="validation lists per slice for the label prior")] = 16,
+    max_events: Annotated[int | None, typer.Option(help="cap per slice and half (smoke runs)")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """The cold-start protocol: new items and new users, every arm, paired CIs (docs/RESULTS.md)."""
+    _setup(verbose)
+    from training.cold_report import write_report
+    from training.cold_start import ColdStartConfig, run_protocol
+    from training.config import load_config
+
+    cfg = load_config(config, set_)
+    doc = run_protocol(
+        cfg,
+        ColdStartConfig(llm=llm, calibration_lists=calibration_lists, max_events=max_events),
+        [int(s) for s in seeds.split(",")],
+    )
+    write_report(doc, out)
+    console.print(f"cold-start results -> {out}/cold_start.md")
+
+
 items_app = typer.Typer(help="New items in a run without retraining; items out of retrieval.", no_args_is_help=True)
 runs_app = typer.Typer(help="Run roots: versioned run directories and a current pointer.", no_args_is_help=True)
 app.add_typer(items_app, name="items")
@@ -188,6 +217,20 @@ def runs_list(root: Annotated[Path, typer.Argument(help="a run root")]) -> None:
     now = current_version(root)
     for version in versions(root):
         console.print(f"{'*' if version == now else ' '} {version}")
+
+
+@runs_app.command("weights")
+def runs_weights(
+    run: RunArg,
+    source: Annotated[Path, typer.Option("--from", help="cold_start.json of `dpo4rec coldstart`")],
+    out: ItemsOut = None,
+) -> None:
+    """A new version whose llm.json carries the fusion weight per slice that the cold-start protocol chose."""
+    from dpo4rec.items import apply_slice_weights, protocol_weights
+
+    weights = protocol_weights(json.loads(source.read_text(encoding="utf-8")))
+    result = apply_slice_weights(run, weights, out)
+    console.print(f"slice weights {weights} -> {result.run_dir} ({result.version})")
 
 
 @app.command()

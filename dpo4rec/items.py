@@ -1,4 +1,5 @@
-"""``dpo4rec items add|remove``: new items in the catalog, and items out of retrieval, without retraining.
+"""``dpo4rec items add|remove``: new items in the catalog, and items out of retrieval, without retraining; and
+``dpo4rec coldstart --apply``: the per-slice fusion weights the cold-start protocol chose, into a new version.
 
 ``add`` reads a JSONL or CSV file of new items (id, title, genres, year), maps each item's text through the
 run's content tower (``retrieval.content``) into the retriever's item space, and writes a new run version
@@ -15,10 +16,12 @@ import csv
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from retrieval.catalog import Catalog, Item
 from retrieval.content import fit_text_tower, text_vectors
@@ -174,3 +177,32 @@ def _new_version(
     added = [i for i in changes["added"] if i not in before["added"]]
     removed = [i for i in changes["removed"] if i not in before["removed"]]
     return ItemsResult(resolve(final), version, added, removed, seconds)
+
+
+PROTOCOL_SLICES = {  # training.cold_start's slice names -> the service's (llm.scoring slices)
+    "new-items shelf": "new_items_shelf",
+    "new items in the catalog": "new_items",
+    "new users k=1": "new_users_1",
+    "new users k=3": "new_users_3",
+    "new users k=5": "new_users_5",
+}
+
+
+def protocol_weights(doc: dict[str, Any]) -> dict[str, float]:
+    """Per service slice, the median over seeds of the weight each seed chose on its validation half (0 unless
+    most seeds found a gain whose CI is above 0)."""
+    chosen: dict[str, list[float]] = {}
+    for seed in doc["per_seed"]:
+        for name, detail in (seed.get("weights") or {}).items():
+            chosen.setdefault(PROTOCOL_SLICES[name], []).append(float(detail["chosen"]))
+    return {name: float(np.median(ws)) for name, ws in chosen.items()}
+
+
+def apply_slice_weights(run: Path, weights: dict[str, float], out: Path | None = None) -> ItemsResult:
+    """A new run version whose ``llm.json`` scoring carries ``weights`` per slice (the run's own weight stays the
+    default of every other slice, warm users included)."""
+    began = datetime.now(timezone.utc)
+    art = load_artifacts(run)
+    scoring = replace(art.llm.scoring, slice_weights={**(art.llm.scoring.slice_weights or {}), **weights})
+    llm = replace(art.llm, scoring=scoring)
+    return _new_version(art, run, out, "weights", read_item_changes(art.root), began, llm=llm)

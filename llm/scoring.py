@@ -16,12 +16,16 @@ One module both sides call, so the service scores exactly the way training measu
   candidates (z: mean 0, standard deviation 1 over the list, so the weight does not depend on either
   score's scale). The weight is chosen on validation users (``training.rerank_training``); 0 means the
   LLM does not help and the service skips it; ``None`` (runs saved before fusion) orders by the LLM alone.
+- **Slices** (SPEC section 10): a weight per kind of request, chosen on that slice's validation data
+  (``training.cold_start``): ``warm`` users, lists holding ``new_items`` (``new_items_shelf``: only new
+  ones), ``new_users_{k}`` with at most k items. The service classifies each request and calls the
+  engine only where its slice's weight is above 0; a slice without a weight of its own takes ``weight``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import numpy as np
@@ -36,10 +40,13 @@ class ScoringSpec:
     weight: float | None = None  # fusion weight of the LLM; 0 = retriever only (no engine call); None = LLM only
     log_prior: tuple[float, ...] | None = None  # PriDe log prior over label positions A, B, ...; None = raw
     permutations: int = 1  # candidate orders averaged per list (cyclic shifts); 1 = the incoming order only
+    slice_weights: dict[str, float] | None = field(default=None, hash=False)  # slice -> weight (see above)
 
     def __post_init__(self) -> None:
-        if self.weight is not None and (not np.isfinite(self.weight) or self.weight < 0):
-            raise ValueError(f"scoring.weight must be a finite number >= 0 or null, got {self.weight}")
+        weights = [self.weight, *(self.slice_weights or {}).values()]
+        for w in weights:
+            if w is not None and (not np.isfinite(w) or w < 0):
+                raise ValueError(f"scoring weights must be finite numbers >= 0 or null, got {w}")
         if self.permutations < 1:
             raise ValueError(f"scoring.permutations must be >= 1, got {self.permutations}")
         if self.log_prior is not None:
@@ -47,8 +54,14 @@ class ScoringSpec:
 
     @property
     def uses_llm(self) -> bool:
-        """False when the fused score is the retriever's alone: the engine need not be called."""
-        return self.weight is None or self.weight > 0
+        """False when the fused score is the retriever's alone on every slice: the engine need not be called."""
+        weights = [self.weight, *(self.slice_weights or {}).values()]
+        return any(w is None or w > 0 for w in weights)
+
+    def for_slice(self, name: str) -> ScoringSpec:
+        """The scoring of one slice: its own weight when it has one, else ``weight``; no slices below it."""
+        weights = self.slice_weights or {}
+        return replace(self, weight=weights.get(name, self.weight), slice_weights=None)
 
 
 def shifts(k: int, n: int) -> list[int]:

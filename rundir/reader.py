@@ -60,6 +60,7 @@ class Artifacts:
     ignored: list[str] = field(default_factory=list)  # llm.json keys this code does not know
     content: ContentTower | None = None  # item text -> item vector (content_tower.npz); None in older runs
     retired: frozenset[int] = frozenset()  # items taken out of retrieval (``dpo4rec items remove``)
+    trained_items: int = 0  # the first this many catalog items were in training; the rest came by ``items add``
 
     def preference_of(self, user_id: str) -> tuple[str, np.ndarray] | None:
         row = self.preference_rows.get(user_id)
@@ -105,7 +106,8 @@ def load_artifacts(root: Path, checksums: bool = True) -> Artifacts:
     ignored: list[str] = []
     llm = load_llm_spec(root, ignored)
     content = read_content_tower(root, retriever.cfg.hidden)
-    retired = frozenset(catalog.indices_of(read_item_changes(root)["removed"]))
+    changes = read_item_changes(root)
+    retired = frozenset(catalog.indices_of(changes["removed"]))
     log.info("loaded run %s (version %s): %d items, %d users, %d preferences", root, version, n, len(users), len(rows))
     return Artifacts(
         root=root,
@@ -123,6 +125,7 @@ def load_artifacts(root: Path, checksums: bool = True) -> Artifacts:
         ignored=ignored,
         content=content,
         retired=retired,
+        trained_items=n - len(changes["added"]),
     )
 
 

@@ -92,9 +92,11 @@ def derive_run(
     catalog: Catalog | None = None,
     retriever: SASRec | None = None,
     content: ContentTower | None = None,
+    llm: LLMSpec | None = None,
 ) -> Path:
     """A new run directory ``out`` (staged, then renamed): a copy of ``source`` with the catalog, the retriever
-    (and the FAISS index over its item vectors, of the same kind) and the content tower replaced where given,
+    (and the FAISS index over its item vectors, of the same kind), the content tower and ``llm.json`` replaced
+    where given,
     ``items.json`` set to ``changes``, and a manifest naming ``version`` and its parent."""
     with staging_dir(Path(out)) as tmp:
         shutil.copytree(source.root, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST))
@@ -106,6 +108,9 @@ def derive_run(
             ItemIndex(retriever.item_vectors(), kind=source.index.kind).save(tmp / "index.faiss")  # type: ignore[arg-type]
         if content is not None:
             content.save(tmp / CONTENT_FILE)
+        if llm is not None:  # adapter folders were copied with the run: name them inside the new one
+            moved = {job: a and tmp / Path(a).relative_to(source.root) for job, a in llm.adapters.items()}
+            write_llm_spec(tmp, replace(llm, adapters=moved))
         (tmp / ITEMS_FILE).write_text(json.dumps(changes, indent=2))
         old = read_manifest(source.root)
         extra = {k: v for k, v in old.items() if k not in RUN_KEYS}

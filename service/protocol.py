@@ -102,11 +102,16 @@ class ItemInfo(BaseModel):
     year: int | None = None
 
 
+Slice = Literal["warm", "new_items", "new_items_shelf", "new_users_1", "new_users_3", "new_users_5"]
+ScoredBy = Literal["llm", "retriever", "request"]
+
+
 class RerankResult(BaseModel):
     item_id: str
     index: int = Field(description="position in the given candidates, or in the retrieved list (0-based)")
     relevance_score: float = Field(
-        description="in (0, 1], non-increasing down the results; LLM label probability for re-ranked items"
+        description="non-increasing down the results: the LLM's label probability of the fused score for re-ranked "
+        "items (in (0, 1]); the retriever's score (an inner product) when the LLM did not score the answer"
     )
     item: ItemInfo | None = Field(None, description="metadata, with return_items")
 
@@ -132,6 +137,8 @@ class RerankResponse(BaseModel):
                     "prompt_tokens": 371,
                     "preference_source": "cache",
                     "preference": None,
+                    "slice": "new_items",
+                    "scored_by": "llm",
                 }
             ]
         }
@@ -147,6 +154,16 @@ class RerankResponse(BaseModel):
     )
     preference_source: PreferenceSource = Field(description="where the preference came from")
     preference: str | None = Field(None, description="the preference text used, with explain")
+    slice: Slice = Field(
+        "warm",
+        description="the kind of request, whose fusion weight (llm.json scoring) applies: a list holding items the "
+        "retriever never trained on (new_items; new_items_shelf: only such items), a history of at most k items "
+        "(new_users_k), else warm",
+    )
+    scored_by: ScoredBy = Field(
+        "retriever",
+        description="what ordered the answer: llm (its fused score), retriever (its scores), request (the given order)",
+    )
 
 
 class ErrorInfo(BaseModel):
@@ -191,4 +208,5 @@ class ReadinessResponse(BaseModel):
 
 
 class LivenessResponse(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "failing"] = "ok"
+    detail: str | None = Field(default=None, description="why the process cannot recover (with failing)")

@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -41,12 +42,22 @@ from service.batching import Coalescer
 from service.errors import DuplicateItemsError, TooManyItemsError, UnknownItemsError, UnknownUserError
 from service.language_model import LanguageModel, LLMError, label_probabilities
 from service.preferences import PreferenceService
-from service.protocol import CandidateItem, ItemInfo, RerankRequest, RerankResponse, RerankResult
+from service.protocol import (
+    CandidateItem,
+    ItemInfo,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    ScoredBy,
+    Slice,
+)
 from service.ranking import final_order
 from service.settings import Settings
 from service.telemetry import ServiceMetrics
 
 log = logging.getLogger(__name__)
+
+NEW_USER_ITEMS = (1, 3, 5)  # a history of at most k items is the slice new_users_k (training.cold_start's ks)
 
 
 @dataclass
@@ -215,28 +226,30 @@ class RerankPipeline:
         clock: _Clock,
         request_id: str,
         degraded: set[str],
+        scoring: ScoringSpec,
         stand_in: bool = False,
     ) -> np.ndarray | None:
-        """Probabilities (K,) of the first K candidates under the fused score, or None (incoming order).
-        ``stand_in``: ``preference`` is a miss's history stand-in, cut to ``stand_in_prompt_chars``."""
+        """Probabilities (K,) of the first K candidates under the fused score of the request's slice (``scoring``),
+        or None (incoming order). ``stand_in``: ``preference`` is a miss's history stand-in, cut to
+        ``stand_in_prompt_chars``."""
         if self.llm is None:
             degraded.add("llm_disabled")
             return None
-        if not self.scoring.uses_llm:
-            return None  # the run chose weight 0: the retriever's order is the fused order
+        if not scoring.uses_llm:
+            return None  # weight 0 on this slice: the retriever's order is the fused order, no engine call
         head = candidates[: self.rerank_k]
         if len(head) < 2:
             return None  # one candidate: nothing to re-rank
         early = self._llm_budget(clock)
         if self.settings.admission and self.settings.admission_early and early > 0:
-            least = self.llm.least_tokens(len(head), self.scoring)
+            least = self.llm.least_tokens(len(head), scoring)
             if not self.llm.admission.admits(least, early):
                 degraded.add("llm_shed")  # even the shortest prompts of this shape would be late: none built
                 return None
         recent = self._items(history[-self.llm.cfg.prompt.max_recent :]) if self.llm.cfg.prompt.max_recent else []
         try:
             cut = self.settings.stand_in_prompt_chars if stand_in else None
-            prepared = self.llm.rerank_prompts(preference, recent, [c.text for c in head], self.scoring, cut)
+            prepared = self.llm.rerank_prompts(preference, recent, [c.text for c in head], scoring, cut)
         except LLMError as e:
             log.warning("re-rank prompts failed: %s", e)
             degraded.add("llm_unavailable")
@@ -252,8 +265,8 @@ class RerankPipeline:
         try:
             with ticket or nullcontext():
                 deadline = time.perf_counter() + budget
-                scoring = self.llm.score(prepared, self.scoring, request_id, deadline, ticket)
-                llm = await asyncio.wait_for(scoring, timeout=budget)
+                scored = self.llm.score(prepared, scoring, request_id, deadline, ticket)
+                llm = await asyncio.wait_for(scored, timeout=budget)
         except (asyncio.TimeoutError, Late):  # out of time in the engine, or while waiting for it
             degraded.add("llm_timeout")
             if self.settings.admission:
@@ -266,7 +279,18 @@ class RerankPipeline:
         clock.prompt_tokens = prepared.total_tokens
         self.metrics.rerank_prompt_tokens.observe(prepared.total_tokens)
         r = None if retriever_scores is None else retriever_scores[: len(head)]
-        return label_probabilities(fused_scores(r, llm, self.scoring.weight))
+        return label_probabilities(fused_scores(r, llm, scoring.weight))
+
+    def _slice(self, history: list[int], candidates: Sequence[Candidate]) -> tuple[Slice, ScoringSpec]:
+        """The request's slice and its scoring (``llm.scoring`` slices): a list holding items the retriever never
+        trained on (given by text, or added by ``dpo4rec items add``) first, then a short history, else warm."""
+        new = sum(1 for c in candidates if c.index is None or c.index > self.artifacts.trained_items)
+        name: Slice = "warm"
+        if new:
+            name = "new_items_shelf" if new == len(candidates) else "new_items"
+        elif len(history) <= NEW_USER_ITEMS[-1]:
+            name = cast(Slice, f"new_users_{next(k for k in NEW_USER_ITEMS if len(history) <= k)}")
+        return name, self.scoring.for_slice(name)
 
     def _llm_budget(self, clock: _Clock) -> float:
         """Seconds the LLM stage may take: what is left of the deadline, less the answer without it."""
@@ -290,26 +314,27 @@ class RerankPipeline:
         vector = resolved.preference.vector if resolved.preference is not None else None
         text = resolved.preference.text if resolved.preference is not None else ""
 
-        # the retriever has a say in the order unless the run scores by the LLM alone (weight None): given
+        # the retriever has a say in the order unless the slice is scored by the LLM alone (weight None): given
         # candidates are then sorted by it too, new items by their content vectors, before the LLM sees the top K
-        weighted = self.scoring.weight is not None
         with clock.stage("retrieve", self.metrics):
             retriever_scores = None
             if given is not None:
                 candidates = given
-                if weighted and candidates:
+                slice_name, scoring = self._slice(history, candidates)
+                if scoring.weight is not None and candidates:
                     retriever_scores = await self._scores_of(history, vector, candidates)
                     by_score = np.argsort(-retriever_scores, kind="stable")
                     candidates, retriever_scores = [candidates[j] for j in by_score], retriever_scores[by_score]
             else:
                 k = max(settings.retrieve_k, top_n)
                 candidates, retriever_scores = await self._retrieve(history, vector, k)
+                slice_name, scoring = self._slice(history, candidates[: self.rerank_k])
 
         with clock.stage("rerank", self.metrics):
             try:
                 stand_in = resolved.source == "history"
                 probabilities = await self._rerank(
-                    text, history, candidates, retriever_scores, clock, request_id, degraded, stand_in
+                    text, history, candidates, retriever_scores, clock, request_id, degraded, scoring, stand_in
                 )
             finally:
                 resolved.release()  # a background generation this request caused may start now
@@ -322,6 +347,10 @@ class RerankPipeline:
         clock.timings_ms["total"] = round((time.perf_counter() - clock.start) * 1000, 3)
         for reason in degraded:
             self.metrics.degraded.labels(reason=reason).inc()
+        scored_by: ScoredBy = (
+            "llm" if probabilities is not None else "retriever" if retriever_scores is not None else "request"
+        )
+        self.metrics.answers.labels(slice=slice_name, scorer=scored_by).inc()
         return RerankResponse(
             request_id=request_id,
             model_version=self.artifacts.version,
@@ -331,6 +360,8 @@ class RerankPipeline:
             prompt_tokens=clock.prompt_tokens,
             preference_source=resolved.source,
             preference=text if req.explain and resolved.preference is not None else None,
+            slice=slice_name,
+            scored_by=scored_by,
         )
 
     def _result(self, candidate: Candidate, position: int, score: float, with_item: bool) -> RerankResult:

@@ -76,7 +76,7 @@ def served_scoring(settings: Settings, spec: LLMSpec) -> ScoringSpec:
     """The run's scoring (``llm.json``), with the fusion weight overridden when the settings say so."""
     if settings.fusion_weight is None:
         return spec.scoring
-    return replace(spec.scoring, weight=settings.fusion_weight)
+    return replace(spec.scoring, weight=settings.fusion_weight, slice_weights=None)  # one weight for every slice
 
 
 def served_jobs(settings: Settings, spec: LLMSpec, model_dir: Path) -> dict[str, JobWeights]:

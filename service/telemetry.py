@@ -55,6 +55,9 @@ class ServiceMetrics:
         self.generations = Counter(
             "dpo4rec_preference_generations", "LLM preference generations by outcome", ["outcome"], registry=r
         )  # ok | timeout | error | dropped
+        self.answers = Counter(
+            "dpo4rec_answers", "answers by request slice and by what ordered them", ["slice", "scorer"], registry=r
+        )
         self.degraded = Counter(
             "dpo4rec_degraded_responses", "answers with a degraded part, by reason", ["reason"], registry=r
         )

@@ -60,4 +60,7 @@ def _rerank_mode(state: ServiceState) -> str:
         return "retriever order: the run chose fusion weight 0 (the LLM did not help on validation); no engine call"
     prior = "label prior removed" if scoring.log_prior is not None else "raw label scores"
     how = "LLM order" if scoring.weight is None else f"retriever + {scoring.weight:g} x LLM"
+    if scoring.slice_weights:  # per slice (training.cold_start): the engine is called only where above 0
+        on = [f"{name} {w:g}" for name, w in sorted(scoring.slice_weights.items()) if w > 0]
+        how = f"per slice, LLM on: {', '.join(on) or 'none'}; other slices: {how}"
     return f"{how}, {prior}, {scoring.permutations} candidate order(s)"

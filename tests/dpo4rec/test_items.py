@@ -115,3 +115,24 @@ def test_a_single_run_directory_needs_out(tmp_path):
     result = add_items(run, path, out=tmp_path / "run-2")
     assert not is_root(run) and result.run_dir == tmp_path / "run-2" and len(load_artifacts(run).catalog) == N_ITEMS
     assert len(load_artifacts(tmp_path / "run-2").catalog) == N_ITEMS + 2
+
+
+def test_the_protocols_slice_weights_go_into_a_new_version(root):
+    from dpo4rec.items import apply_slice_weights, protocol_weights
+
+    doc = {
+        "per_seed": [
+            {"weights": {"new-items shelf": {"chosen": 0.5}, "new users k=1": {"chosen": 0.0}}},
+            {"weights": {"new-items shelf": {"chosen": 0.5}, "new users k=1": {"chosen": 1.0}}},
+            {"weights": {"new-items shelf": {"chosen": 0.0}, "new users k=1": {"chosen": 0.0}}},
+        ]
+    }
+    weights = protocol_weights(doc)
+    assert weights == {"new_items_shelf": 0.5, "new_users_1": 0.0}  # the median over seeds
+    result = apply_slice_weights(root, weights)
+    scoring = load_artifacts(root).llm.scoring
+    assert current_version(root) == result.version and scoring.slice_weights == weights
+    assert (
+        scoring.for_slice("new_items_shelf").weight == 0.5
+        and load_artifacts(root / VERSION).llm.scoring.slice_weights is None
+    )

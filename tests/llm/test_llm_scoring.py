@@ -84,3 +84,14 @@ def test_spec_validation_and_llm_use() -> None:
         ScoringSpec(weight=-1.0)
     with pytest.raises(ValueError, match="permutations"):
         ScoringSpec(permutations=0)
+
+
+def test_slice_weights_route_and_validate():
+    from llm.scoring import ScoringSpec
+
+    spec = ScoringSpec(weight=0.0, slice_weights={"new_items": 0.5})
+    assert spec.uses_llm and spec.for_slice("new_items").weight == 0.5 and not spec.for_slice("warm").uses_llm
+    assert spec.for_slice("new_items").slice_weights is None and hash(spec)  # frozen, still hashable
+    assert not ScoringSpec(weight=0.0, slice_weights={"warm": 0.0}).uses_llm
+    with pytest.raises(ValueError, match="finite numbers >= 0"):
+        ScoringSpec(weight=0.0, slice_weights={"new_items": -1.0})

@@ -76,3 +76,22 @@ def test_given_candidates_are_ranked_by_the_retriever_and_new_items_by_their_con
     assert {r.item_id: r.index for r in answer.results}["new-1"] == 1  # index: the position in the request
     prior = float(np.mean([expected[i] for i in ("150", "141", "120", "101")]))
     assert abs(expected["new-1"] - prior) > 1e-6  # the content score is not the old constant prior
+
+
+def test_routing_calls_the_engine_only_on_slices_whose_weight_is_above_zero(client, app):
+    spec = ScoringSpec(weight=0.0, slice_weights={"warm": 0.0, "new_items": 1.0, "new_users_3": 0.0})
+    pipeline = pipeline_with(app, spec)
+    new = {"id": "new-9", "title": "Silent Star 9 (2031)", "categories": ["Sci-Fi"], "year": 2031}
+    calls = lambda: metric(app, "dpo4rec_llm_calls_total", job="rerank")  # noqa: E731
+    answers = lambda s, by: metric(app, "dpo4rec_answers_total", slice=s, scorer=by)  # noqa: E731
+    before, warm_before = calls(), answers("warm", "retriever")
+    warm = run_async(client, lambda: pipeline.rerank(RerankRequest(user_id="u3", top_n=5), "warm"))
+    assert calls() == before and (warm.slice, warm.scored_by) == ("warm", "retriever")  # no engine call
+    assert answers("warm", "retriever") == warm_before + 1
+    short = RerankRequest(user_id="x", history=["101", "102"], candidates=["103", "104", "105"])
+    answer = run_async(client, lambda: pipeline.rerank(short, "short"))
+    assert calls() == before and (answer.slice, answer.scored_by) == ("new_users_3", "retriever")
+    mixed = RerankRequest(user_id="u3", candidates=["150", new, "141", "120"], top_n=4)
+    answer = run_async(client, lambda: pipeline.rerank(mixed, "new-items"))
+    assert calls() == before + 1 and (answer.slice, answer.scored_by) == ("new_items", "llm")
+    assert answer.prompt_tokens and answers("new_items", "llm") >= 1
