@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -40,15 +41,26 @@ def train(
     config: Annotated[str, typer.Option(help="config name in training/configs or a YAML path")] = "default",
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. llm.max_tokens=64")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
+    root_dir: Annotated[
+        bool, typer.Option("--root", help="OUT is a run root: write a new version into it and move current")
+    ] = False,
     verbose: Verbose = False,
 ) -> None:
-    """Run the offline pipeline: data, preferences, retrievers, index, evaluation, report."""
+    """Run the offline pipeline: data, preferences, retrievers, index, evaluation, report. Into a run root (an
+    OUT with a current pointer, or --root), the run becomes a new version and current moves to it."""
     _setup(verbose)
+    from rundir.versions import is_root, publish
     from training.config import load_config
     from training.pipeline import run_pipeline
 
     cfg = load_config(config, set_)
+    root = None
+    if is_root(out) or root_dir:  # a run root: the run is a new version in it, and current moves when it is whole
+        root, out = out, out / f"{config.replace('/', '_').removesuffix('.yaml')}-{time.strftime('%Y%m%d-%H%M%S')}"
     doc = run_pipeline(cfg, out, overwrite=overwrite)
+    if root is not None:
+        publish(root, out.name)
+        console.print(f"{root}/current -> {out.name}")
     table = Table(title=f"test metrics, {doc['users']} users")
     for col in ("system", "NDCG@10", "Recall@10", "MRR@10"):
         table.add_column(col)
