@@ -317,11 +317,19 @@ async def async_engine(
     engine = make_async_engine(cfg, counters)
     try:
         if warm_up:
-            await ascore_labels(engine, _WARM_UP_PROMPT, _WARM_UP_IDS, request_id="warm-up-score")
-            await agenerate(engine, _WARM_UP_PROMPT, GenerationConfig(max_tokens=2), request_id="warm-up-gen")
+            await awarm_up(engine)
         yield engine
     finally:
         engine.shutdown()
+
+
+async def awarm_up(engine: AsyncLLM) -> None:
+    """One scoring and one generation request on the async engine: the first real requests do not pay set-up
+    costs (seconds on CPU), and an engine that cannot serve fails here."""
+    await ascore_labels(engine, _WARM_UP_PROMPT, _WARM_UP_IDS, request_id=f"warm-up-score-{uuid.uuid4().hex[:8]}")
+    await agenerate(
+        engine, _WARM_UP_PROMPT, GenerationConfig(max_tokens=2), request_id=f"warm-up-gen-{uuid.uuid4().hex[:8]}"
+    )
 
 
 def warm_up(llm: LLM) -> None:
@@ -331,8 +339,17 @@ def warm_up(llm: LLM) -> None:
 
 
 def engine_alive(engine: AsyncLLM) -> bool:
-    """False once the engine core died or its output loop stopped (health checks fail on it)."""
+    """False once the engine core died or its output loop stopped. vLLM watches its engine-core process (a
+    thread on the process's sentinel) and sets this within milliseconds of a crash; the engine never recovers,
+    it has to be replaced (``service.supervisor``)."""
     return not engine.errored
+
+
+def is_engine_dead(error: BaseException) -> bool:
+    """Whether a call failed because the engine died (vLLM's ``EngineDeadError``), not because of the request."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(error, EngineDeadError)
 
 
 def make_lora(name: str, path: str | Path, lora_id: int) -> LoRARequest:

@@ -8,7 +8,8 @@
 The prompts are built by ``llm.prompts`` exactly as in training. Each call has its own vLLM request
 id (``{request_id}-{job}-{random}``); a cancelled call (deadline) aborts its engine request. Each job
 has its engine (``service.runtime`` starts one per distinct set of weights: merged adapters by default,
-or one engine with vLLM multi-LoRA, ``loras``).
+or one engine with vLLM multi-LoRA, ``loras``). An engine that died is restarted by ``service.supervisor``,
+which swaps the new one in (``replace_engine``); until then a call on it fails at once (``EngineUnavailable``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llm.engine import GenerationConfig, agenerate, ascore_labels, engine_alive, make_lora
+from llm.engine import GenerationConfig, agenerate, ascore_labels, engine_alive, is_engine_dead, make_lora
 from llm.labels import Label, candidate_labels
 from llm.prompts import HistoryItem, PromptConfig, preference_messages, render, rerank_messages
 from llm.scoring import ScoringSpec, item_logprobs, rotate, shifts
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 
 class LLMError(RuntimeError):
     """The engine could not serve a call (dead engine, rejected prompt, no log-probs)."""
+
+
+class EngineUnavailable(LLMError):
+    """The job's engine is dead: it died under the call or before it (``service.supervisor`` restarts it)."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,16 @@ class LanguageModel:
         engine = self.engines.get(job)
         if engine is None:
             raise LLMError(f"{job}: no engine was started for this job")
+        if not engine_alive(engine):
+            raise EngineUnavailable(f"{job}: the engine is dead, restarting")
         return engine
+
+    def replace_engine(self, old: AsyncLLM, new: AsyncLLM) -> None:
+        """A restarted engine takes the place of the dead ``old`` for every job it served (``service.supervisor``);
+        calls made from now on go to it."""
+        for job, engine in self.engines.items():
+            if engine is old:
+                self.engines[job] = new
 
     async def _call(
         self,
@@ -141,6 +155,9 @@ class LanguageModel:
         except Late:
             raise
         except Exception as e:  # vLLM's errors (VLLMError, EngineDeadError, ...) share no narrower base
+            engine = self.engines.get(job)
+            if is_engine_dead(e) or (engine is not None and not engine_alive(engine)):
+                raise EngineUnavailable(f"{job}: the engine died: {type(e).__name__}") from e
             raise LLMError(f"{job}: {type(e).__name__}: {e}") from e
         finally:
             if not started:

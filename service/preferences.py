@@ -24,6 +24,12 @@ The task is detached from the requests (bounded by ``preference_timeout_s``). It
 that caused it has been answered (``Resolved.release``, called by the pipeline after its LLM stage; at
 most ``start_delay_s`` later in any case), so a new user's first answer does not share the cores with
 its own preference's generation. Shutdown cancels open generations, which aborts them in vLLM.
+
+None is lost silently when the engine dies (``service.supervisor`` restarts it): a generation waits for the
+engine to be back before it takes its turn, and one whose engine died under it is tried once more, once the
+engine is back; otherwise it is dropped and counted (``dpo4rec_preference_generations_dropped_total{reason}``:
+``engine_dead`` when the engine died under it twice, ``engine_failed`` when the restarts gave up, and
+``queue_full`` for the bounded queue above).
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ import numpy as np
 from llm.prompts import HistoryItem
 from retrieval.encoder import TextEncoder
 from service.cache import CacheUnavailable, Preference, PreferenceCache
-from service.language_model import LanguageModel
+from service.language_model import EngineUnavailable, LanguageModel, LLMError
+from service.supervisor import EngineSupervisor
 from service.telemetry import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -85,11 +92,13 @@ class PreferenceService:
         workers: int = 1,
         wait: bool = False,
         start_delay_s: float = 10.0,
+        supervisor: EngineSupervisor | None = None,
     ):
         self.version = version
         self.run_preferences = run_preferences
         self.cache = cache
         self.llm = llm
+        self.supervisor = supervisor  # restarts a dead engine; generations wait for it (None: nothing to wait for)
         self.encoder = encoder
         self.metrics = metrics
         self.generation_timeout_s = generation_timeout_s
@@ -154,7 +163,7 @@ class PreferenceService:
         if user_id in self._tasks:
             return True
         if len(self._tasks) >= self.queue_size:
-            self.metrics.generations.labels(outcome="dropped").inc()
+            self._dropped("queue_full")
             return False
         coro = self._generate(user_id, history, request_id, gate)
         task = asyncio.create_task(coro, name=f"preference:{user_id}")
@@ -176,6 +185,17 @@ class PreferenceService:
                 await asyncio.wait_for(gate.wait(), self.start_delay_s)
             except asyncio.TimeoutError:
                 pass  # the request is still running (or failed before releasing): start anyway
+        try:
+            return await self._attempt(user_id, history, request_id, last=False)
+        except EngineUnavailable as e:
+            log.warning("preference for %s: %s; tried again once the engine is back", user_id, e)
+        return await self._attempt(user_id, history, request_id, last=True)
+
+    async def _attempt(self, user_id: str, history: list[HistoryItem], request_id: str, last: bool) -> _Generated:
+        """One try, once the engine is alive; the ``last`` one drops the generation (counted) if the engine dies."""
+        if self.supervisor is not None and not await self.supervisor.wait_alive("preference"):
+            self._dropped("engine_failed")
+            raise LLMError("preference: the engine's restarts gave up")  # not EngineUnavailable: no retry
         async with self._workers:  # its turn in the queue; the timeout bounds the generation itself
             try:
                 return await asyncio.wait_for(
@@ -184,6 +204,14 @@ class PreferenceService:
             except asyncio.TimeoutError:
                 self.metrics.generations.labels(outcome="timeout").inc()
                 raise
+            except EngineUnavailable:
+                if last:
+                    self._dropped("engine_dead")
+                raise
+
+    def _dropped(self, reason: str) -> None:
+        self.metrics.generations.labels(outcome="dropped").inc()
+        self.metrics.generations_dropped.labels(reason=reason).inc()
 
     async def _generate_locked(self, user_id: str, history: list[HistoryItem], request_id: str) -> _Generated:
         token = uuid.uuid4().hex
@@ -223,7 +251,7 @@ class PreferenceService:
         try:
             text = await self.llm.preference(history, request_id)
             vector = (await asyncio.to_thread(self.encoder.encode, [text]))[0]  # (D,) float32
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, EngineUnavailable):  # the engine died: tried again or dropped, counted there
             raise
         except Exception:
             self.metrics.generations.labels(outcome="error").inc()

@@ -11,7 +11,8 @@ adapter from ``llm.json``. With ``llm_adapters = "merged"`` (the default) each a
 cached full model (``llm.weights.merged_model``) and each distinct set of weights gets its own engine:
 vLLM's CPU LoRA path is about 10x slower at prefill (docs/BENCHMARKS.md). With ``"lora"`` one engine
 serves both jobs through vLLM multi-LoRA (less memory; the faster choice on a GPU). A job the run does
-not use is not started: at fusion weight 0 the re-rank job never calls an engine.
+not use is not started: at fusion weight 0 the re-rank job never calls an engine. The engines are owned by
+``service.supervisor``, which restarts one that dies (with back-off) and shuts them all down on close.
 """
 
 from __future__ import annotations
@@ -19,17 +20,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
-import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import psutil
-
-from llm.engine import EngineConfig, EngineCounters, async_engine, resolve_dtype, resolve_step_tokens
+from llm.engine import EngineConfig, resolve_dtype, resolve_step_tokens
 from llm.models import resolve_model
 from llm.prompts import history_text
 from llm.scoring import ScoringSpec
@@ -41,13 +37,12 @@ from service.admission import Admission
 from service.cache import CacheUnavailable, Preference, PreferenceCache
 from service.language_model import LanguageModel, LLMJobConfig
 from service.preferences import PreferenceService
+from service.processes import lower_priority
 from service.redis_server import EmbeddedRedis
 from service.rerank_pipeline import RerankPipeline
 from service.settings import Settings
+from service.supervisor import EngineSupervisor, RestartPolicy, SupervisedEngine
 from service.telemetry import ServiceMetrics
-
-if TYPE_CHECKING:
-    from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +55,7 @@ class ServiceState:
     cache: PreferenceCache
     redis_server: EmbeddedRedis | None  # None with an external redis_url
     llm: LanguageModel | None  # None with llm_enabled=False
+    supervisor: EngineSupervisor | None  # restarts a dead engine; None with llm_enabled=False
     preferences: PreferenceService
     pipeline: RerankPipeline
 
@@ -116,32 +112,6 @@ def model_folder(settings: Settings, spec: LLMSpec) -> Path:
     return resolve_model(str(settings.llm_model) if settings.llm_model else spec.base_model, settings.model_cache)
 
 
-def lower_priority(nice: int, pids: Iterable[int] | None = None) -> None:
-    """Add ``nice`` to every thread of this process, or of ``pids`` (Linux niceness is per thread; later
-    threads inherit it).
-
-    Called for this process once the engines (child processes) run: when the cores are shared, the engine
-    then keeps its share of them under a burst of requests answered without the LLM, whose HTTP, retrieval
-    and encoding would otherwise take the cores from the work that yields LLM-scored answers
-    (docs/BENCHMARKS.md). Called with the processes of an engine that only generates preferences in the
-    background: re-ranks, which a user waits for, get the cores first (docs/DECISIONS.md)."""
-    for pid in [os.getpid()] if pids is None else pids:
-        try:  # elsewhere than Linux the niceness is the process's
-            tids = [t.id for t in psutil.Process(pid).threads()] if sys.platform.startswith("linux") else [pid]
-        except psutil.Error:  # a process that ended meanwhile
-            continue
-        for tid in tids:
-            try:
-                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-            except OSError:  # a thread that ended meanwhile
-                pass
-
-
-def _descendants() -> set[int]:
-    """The pids of this process's children, grandchildren, ..."""
-    return {child.pid for child in psutil.Process().children(recursive=True)}
-
-
 async def _warm_cache(cache: PreferenceCache, artifacts: Artifacts) -> None:
     """Put the run's precomputed preferences into Redis (a Redis outage only logs a warning)."""
     items = (
@@ -157,34 +127,37 @@ async def _warm_cache(cache: PreferenceCache, artifacts: Artifacts) -> None:
     log.info("cache warmed with %d preferences", written)
 
 
-async def _start_engines(
-    settings: Settings, spec: LLMSpec, jobs: dict[str, JobWeights], stack: AsyncExitStack
-) -> tuple[dict[str, AsyncLLM], list[EngineCounters]]:
-    """One engine per distinct model folder; job -> engine, and each engine's counters."""
-    engines: dict[Path, AsyncLLM] = {}
-    counters: list[EngineCounters] = []
+def supervised_engines(settings: Settings, spec: LLMSpec, jobs: dict[str, JobWeights]) -> list[SupervisedEngine]:
+    """One engine per distinct model folder, with the jobs it serves; one that only generates preferences in
+    the background runs niced (``preference_engine_nice``)."""
+    engines = []
     for folder in dict.fromkeys(w.model for w in jobs.values()):
-        lora = any(w.lora is not None for w in jobs.values() if w.model == folder)
-        counters.append(EngineCounters())  # prefix-cache hits and token counts, in /metrics
-        cfg = engine_config(settings, spec, folder, lora)
-        before = _descendants()
-        engines[folder] = await stack.enter_async_context(async_engine(cfg, counters=counters[-1]))  # warmed up
-        background = all(job != "rerank" for job, w in jobs.items() if w.model == folder)
-        if background and settings.preference_engine_nice:
-            lower_priority(settings.preference_engine_nice, _descendants() - before)
-            log.info("preference engine's processes niceness +%d", settings.preference_engine_nice)
-    return {job: engines[w.model] for job, w in jobs.items()}, counters
+        served = tuple(job for job, w in jobs.items() if w.model == folder)
+        lora = any(jobs[job].lora is not None for job in served)
+        nice = settings.preference_engine_nice if "rerank" not in served else 0
+        engines.append(SupervisedEngine(engine_config(settings, spec, folder, lora), served, nice=nice))
+    return engines
+
+
+def restart_policy(settings: Settings) -> RestartPolicy:
+    return RestartPolicy(
+        backoff_s=settings.engine_restart_backoff_s,
+        backoff_max_s=settings.engine_restart_backoff_max_s,
+        max_failures=settings.engine_restart_max_failures,
+    )
 
 
 async def _start_llm(
     settings: Settings, spec: LLMSpec, metrics: ServiceMetrics, stack: AsyncExitStack
-) -> LanguageModel:
+) -> tuple[LanguageModel, EngineSupervisor]:
     from transformers import AutoTokenizer
 
     model_dir = await asyncio.to_thread(model_folder, settings, spec)
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
     jobs = await asyncio.to_thread(served_jobs, settings, spec, model_dir)
-    engines, counters = await _start_engines(settings, spec, jobs, stack)
+    supervisor = EngineSupervisor(supervised_engines(settings, spec, jobs), restart_policy(settings), metrics)
+    stack.push_async_callback(supervisor.close)  # shuts down whatever started, even if a later start fails
+    engines = await supervisor.start()  # warmed up
     generation = spec.preference_generation
     if settings.preference_max_tokens is not None:
         generation = replace(generation, max_tokens=settings.preference_max_tokens)
@@ -205,9 +178,10 @@ async def _start_llm(
         rate = await llm.measure_rate()
         log.info("engine rate measured: %.0f prompt tokens/s (admission by predicted completion on)", rate)
     llm.admission.headroom = settings.admission_headroom
-    metrics.watch_engine(llm.unfinished_requests, counters)
+    metrics.watch_engine(llm.unfinished_requests, [engine.counters for engine in supervisor.engines])
     stack.callback(metrics.watch_engine, lambda: 0.0)  # drop the gauge's reference to the engines
-    return llm
+    supervisor.watch(llm)  # from now on a dead engine is restarted and swapped into llm
+    return llm, supervisor
 
 
 async def _start_cache(
@@ -252,9 +226,11 @@ async def open_service(settings: Settings, metrics: ServiceMetrics) -> AsyncIter
         cache, server = await _start_cache(settings, artifacts.version, stack)
         if settings.warm_cache:
             await _warm_cache(cache, artifacts)
-        llm = await _start_llm(settings, artifacts.llm, metrics, stack) if settings.llm_enabled else None
-        if llm is not None and settings.api_nice:
-            lower_priority(settings.api_nice)
+        llm, supervisor = (
+            await _start_llm(settings, artifacts.llm, metrics, stack) if settings.llm_enabled else (None, None)
+        )
+        if supervisor is not None and settings.api_nice:  # not the thread that starts engines (service.processes)
+            lower_priority(settings.api_nice, keep={supervisor.starter_tid})
             log.info("API process niceness +%d (the engine processes keep theirs)", settings.api_nice)
         preferences = PreferenceService(
             version=artifacts.version,
@@ -264,6 +240,7 @@ async def open_service(settings: Settings, metrics: ServiceMetrics) -> AsyncIter
             },
             cache=cache,
             llm=llm,
+            supervisor=supervisor,
             encoder=encoder,
             metrics=metrics,
             generation_timeout_s=settings.preference_timeout_s,
@@ -287,6 +264,7 @@ async def open_service(settings: Settings, metrics: ServiceMetrics) -> AsyncIter
             cache=cache,
             redis_server=server,
             llm=llm,
+            supervisor=supervisor,
             preferences=preferences,
             pipeline=pipeline,
         )

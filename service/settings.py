@@ -207,6 +207,24 @@ class Settings(BaseSettings):
     preference_max_tokens: int | None = Field(
         None, ge=1, description="generation length of a preference in tokens; null: llm.json's"
     )
+    engine_restart_backoff_s: float = Field(
+        1.0,
+        gt=0,
+        description="an engine whose process died is restarted after this many seconds, doubled after each failed "
+        "restart; the retriever answers meanwhile (flagged llm_unavailable) and /readyz stays 200",
+    )
+    engine_restart_backoff_max_s: float = Field(
+        60.0,
+        gt=0,
+        description="the longest wait between restarts; an engine that dies sooner than this after its start "
+        "counts as a failed restart (a crash loop backs off instead of restarting at once)",
+    )
+    engine_restart_max_failures: int = Field(
+        5,
+        ge=1,
+        description="failed restarts in a row after which the service gives up on the engine: /livez turns 503 so "
+        "Kubernetes restarts the pod (the retriever answers until then)",
+    )
 
     # ---- logging ------------------------------------------------------------------------------------
     log_level: LogLevel = Field("INFO", description="level of the service's logs")
@@ -276,6 +294,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_top_n ({self.default_top_n}) exceeds max_candidates ({self.max_candidates}); "
                 "lower DPO4REC_DEFAULT_TOP_N or raise DPO4REC_MAX_CANDIDATES"
+            )
+        if self.engine_restart_backoff_max_s < self.engine_restart_backoff_s:
+            raise ValueError(
+                f"engine_restart_backoff_max_s ({self.engine_restart_backoff_max_s}) is below engine_restart_backoff_s "
+                f"({self.engine_restart_backoff_s}); raise DPO4REC_ENGINE_RESTART_BACKOFF_MAX_S"
             )
         if self.rerank_k is not None and self.rerank_k > self.max_candidates:
             raise ValueError(

@@ -3,7 +3,8 @@
 Names follow the Prometheus conventions (``_total`` counters, ``_seconds`` histograms, base units).
 What SPEC section 7 asks for: request counts and latency per endpoint and per pipeline stage, cache
 hits/misses, preference generations, degraded answers by reason, in-flight requests, and the engine's
-queue (requests vLLM has not finished) next to the LLM calls this service has open.
+queue (requests vLLM has not finished) next to the LLM calls this service has open; and the engines' health
+(restarts, state, generations given up; ``service.supervisor``).
 """
 
 from __future__ import annotations
@@ -94,11 +95,32 @@ class ServiceMetrics:
         self.engine_unfinished = Gauge(
             "dpo4rec_engine_unfinished_requests", "requests queued or running in the vLLM engine", registry=r
         )
+        # the engines' health (service.supervisor): restarts after a death, each job's engine state (1 for the
+        # current one), and background generations given up: queue_full, engine_dead (it died under the
+        # generation again after one retry), engine_failed (its restarts gave up)
+        self.engine_restarts = Counter(
+            "dpo4rec_engine_restarts", "engine restarts after its process died, by job it serves", ["job"], registry=r
+        )
+        self.engine_state = Gauge(
+            "dpo4rec_engine_state",
+            "1 for the state the job's engine is in (alive, restarting, failed)",
+            ["job", "state"],
+            registry=r,
+        )
+        self.generations_dropped = Counter(
+            "dpo4rec_preference_generations_dropped",
+            "background preference generations given up, by reason",
+            ["reason"],
+            registry=r,
+        )
         for job in ("preference", "rerank"):
             self.llm_in_flight.labels(job=job)
             self.llm_calls.labels(job=job)
+            self.engine_restarts.labels(job=job)
         for result in ("hit", "miss", "error"):
             self.cache.labels(result=result)
+        for reason in ("queue_full", "engine_dead", "engine_failed"):
+            self.generations_dropped.labels(reason=reason)
 
     def watch_admission(self, pending: Callable[[], float], rate: Callable[[], float]) -> None:
         """Admission's view of the engine at scrape time: admitted tokens not finished, measured rate."""

@@ -1,4 +1,10 @@
-"""Probes: ``GET /livez`` (the process answers) and ``GET /readyz`` (it can serve, with each check)."""
+"""Probes: ``GET /livez`` (the process can recover) and ``GET /readyz`` (it answers correctly, with each check).
+
+SPEC section 9: ``/readyz`` is "this pod answers correctly", so it stays 200 while a dead engine is restarted
+(the retriever answers, flagged ``llm_unavailable``); ``/livez`` fails only when the process cannot recover on
+its own, an engine whose restarts gave up (``service.supervisor``), so that Kubernetes restarts the pod. It
+reads one flag: a liveness probe stays cheap.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,20 @@ from service.protocol import CheckResult, LivenessResponse, ReadinessResponse
 router = APIRouter(tags=["health"])
 
 
-@router.get("/livez", response_model=LivenessResponse, summary="Liveness")
-async def livez() -> LivenessResponse:
-    return LivenessResponse()
+@router.get(
+    "/livez",
+    response_model=LivenessResponse,
+    response_model_exclude_none=True,
+    summary="Liveness",
+    responses={503: {"model": LivenessResponse, "description": "an engine's restarts gave up: restart the pod"}},
+)
+async def livez(state: MaybeStateDep) -> JSONResponse:
+    """200 unless an engine's restarts gave up (``engine_restart_max_failures`` in a row): then 503."""
+    supervisor = state.supervisor if state is not None else None
+    if supervisor is not None and supervisor.failed:
+        body = LivenessResponse(status="failing", detail=f"engine {supervisor.detail()}")
+        return JSONResponse(body.model_dump(), status_code=503)
+    return JSONResponse(LivenessResponse().model_dump(exclude_none=True))
 
 
 @router.get(
@@ -23,17 +40,17 @@ async def livez() -> LivenessResponse:
     responses={503: {"model": ReadinessResponse, "description": "not ready; see the failing checks"}},
 )
 async def readyz(state: MaybeStateDep, settings: SettingsDep, limiter: LimiterDep) -> JSONResponse:
-    """200 when artifacts are loaded, the engine is alive (or disabled) and Redis answers (or is optional)."""
+    """200 when artifacts are loaded, the engine is alive or being restarted (or disabled) and Redis answers (or
+    is optional)."""
     checks: dict[str, CheckResult] = {}
     if state is None:
         checks["artifacts"] = CheckResult(ok=False, detail="not loaded")
     else:
         checks["artifacts"] = CheckResult(ok=True, detail=f"run {state.artifacts.root.name}")
-        if state.llm is None:
+        if state.supervisor is None:
             checks["engine"] = CheckResult(ok=True, detail="disabled (retriever order only)")
-        else:
-            alive = state.llm.alive
-            checks["engine"] = CheckResult(ok=alive, detail="alive" if alive else "dead")
+        else:  # alive, restarting or failed, the pod answers (the retriever while the engine is down)
+            checks["engine"] = CheckResult(ok=True, detail=state.supervisor.detail())
         checks["rerank"] = CheckResult(ok=True, detail=_rerank_mode(state))
         reachable = await state.cache.ping()
         where = "embedded" if state.redis_server is not None else "external"
