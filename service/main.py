@@ -20,13 +20,15 @@ from service.auth import ApiKeyMiddleware, bearer_scheme
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimitMiddleware, InFlightLimiter, InFlightLimitMiddleware
 from service.logging import RequestContextMiddleware
-from service.routes import health, metrics, rerank
+from service.rollout import Rollout
+from service.routes import admin, health, metrics, rerank
 from service.runtime import open_service
 from service.settings import Settings
 from service.telemetry import ServiceMetrics
 
 log = logging.getLogger(__name__)
 WORK_PATHS = ("/rerank", "/v1/rerank")
+KEYED_PATHS = (*WORK_PATHS, "/admin/reload")
 
 
 @asynccontextmanager
@@ -34,11 +36,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with open_service(settings, app.state.metrics) as state:
         app.state.service = state
+        app.state.metrics.served_version.info({"version": state.artifacts.version})
+        app.state.rollout = rollout = Rollout(app, settings, app.state.metrics)
+        rollout.start()  # watches a run root's current pointer (service.rollout)
         try:
             yield
         finally:
             drained = await app.state.limiter.drain(settings.drain_timeout_s)
             log.info("shutting down (in-flight drained: %s)", drained)
+            await rollout.close()
+            app.state.rollout = None
             app.state.service = None
 
 
@@ -58,15 +65,17 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
     app.state.metrics = metrics_ = ServiceMetrics()
     app.state.limiter = limiter = InFlightLimiter(settings.max_in_flight, settings.retry_after_s, metrics_)
     app.state.service = None
+    app.state.rollout = None
     install_error_handlers(app)
     secured = [Depends(bearer_scheme)] if settings.api_keys else []
     app.include_router(rerank.router, dependencies=secured)
+    app.include_router(admin.router, dependencies=secured)
     app.include_router(health.router)
     app.include_router(metrics.router)
     # add_middleware wraps: the last added is the outermost
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics_)
     app.add_middleware(InFlightLimitMiddleware, limiter=limiter, paths=WORK_PATHS)
-    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, paths=WORK_PATHS, metrics=metrics_)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, paths=KEYED_PATHS, metrics=metrics_)
     app.add_middleware(RequestContextMiddleware, metrics=metrics_)
     return app
 

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServiceState:
-    """Everything ``open_service`` built; on ``app.state.service`` while the app is up."""
+    """One served run version: what ``open_version`` built; on ``app.state.service`` while it is served."""
 
     artifacts: Artifacts
     cache: PreferenceCache
@@ -58,6 +58,95 @@ class ServiceState:
     supervisor: EngineSupervisor | None  # restarts a dead engine; None with llm_enabled=False
     preferences: PreferenceService
     pipeline: RerankPipeline
+    shared: Shared | None = None  # what every version shares (Redis, encoder, engines)
+    in_flight: int = 0  # /rerank requests running on this version (a replaced one is closed at 0)
+    closer: AsyncExitStack | None = None  # closes what this version owns (set for the first version)
+
+
+@dataclass
+class _Lease:
+    llm: LanguageModel
+    supervisor: EngineSupervisor
+    stack: AsyncExitStack
+    users: int = 0
+
+
+class EnginePool:
+    """The LLM engines by the weights and job settings they serve: a version whose LLM is the served one's shares
+    its engines (a catalog change, new slice weights); one with other weights starts its own, and the last
+    version to let go of a set shuts it down."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics):
+        self.settings, self.metrics = settings, metrics
+        self._leases: dict[tuple[object, ...], _Lease] = {}
+        self._lock = asyncio.Lock()
+        self.started = 0  # engine sets started so far (the first one lowers the API's priority)
+
+    def key(self, artifacts: Artifacts) -> tuple[object, ...]:
+        """What decides the engines: the base model, the adapters' content (their manifest checksums: a version
+        copies its adapters, so paths differ where the weights do not), the jobs served, the job settings."""
+        spec = artifacts.llm
+        model = str(self.settings.llm_model) if self.settings.llm_model else spec.base_model
+        files = artifacts.manifest.get("files", {})
+        adapters = tuple(
+            (job, tuple(sorted((n, d) for n, d in files.items() if n.startswith(f"adapters/{job}/"))) or str(a))
+            for job, a in sorted(spec.adapters.items())
+            if a is not None
+        )
+        rerank = served_scoring(self.settings, spec).uses_llm
+        return (model, adapters, rerank, spec.prompt, spec.preference_generation, spec.rerank_k)
+
+    async def acquire(self, artifacts: Artifacts) -> tuple[LanguageModel, EngineSupervisor, tuple[object, ...]]:
+        key = self.key(artifacts)
+        spec = artifacts.llm
+        async with self._lock:
+            lease = self._leases.get(key)
+            if lease is None:
+                stack = AsyncExitStack()
+                try:
+                    llm, supervisor = await _start_llm(self.settings, spec, self.metrics, stack)
+                except BaseException:
+                    await stack.aclose()
+                    raise
+                lease = self._leases[key] = _Lease(llm, supervisor, stack)
+                self.started += 1
+            lease.users += 1
+            return lease.llm, lease.supervisor, key
+
+    async def release(self, key: tuple[object, ...]) -> None:
+        async with self._lock:
+            lease = self._leases.get(key)
+            if lease is None:
+                return
+            lease.users -= 1
+            if lease.users <= 0:
+                del self._leases[key]
+                await lease.stack.aclose()
+                if self._leases:  # the engine gauges read the newest engines still serving
+                    newest = list(self._leases.values())[-1]
+                    engines = [engine.counters for engine in newest.supervisor.engines]
+                    self.metrics.watch_engine(newest.llm.unfinished_requests, engines)
+
+    async def close(self) -> None:
+        for key in list(self._leases):
+            lease = self._leases.pop(key)
+            await lease.stack.aclose()
+
+
+@dataclass
+class Shared:
+    """What the versions a service serves share: Redis (embedded or external), text encoders, the engines."""
+
+    redis_url: str
+    redis_server: EmbeddedRedis | None
+    engines: EnginePool
+    encoders: dict[str, TextEncoder]
+
+    async def encoder(self, artifacts: Artifacts) -> TextEncoder:
+        key = repr(artifacts.encoder_config)
+        if key not in self.encoders:
+            self.encoders[key] = await asyncio.to_thread(TextEncoder, artifacts.encoder_config)
+        return self.encoders[key]
 
 
 @dataclass(frozen=True)
@@ -184,54 +273,79 @@ async def _start_llm(
     return llm, supervisor
 
 
-async def _start_cache(
-    settings: Settings, version: str, stack: AsyncExitStack
-) -> tuple[PreferenceCache, EmbeddedRedis | None]:
-    server = None
-    url = settings.redis_url
-    if url is None:
-        server = EmbeddedRedis()
-        await server.start()
-        stack.push_async_callback(server.close)
-        url = server.url
+async def _start_redis(settings: Settings, stack: AsyncExitStack) -> tuple[str, EmbeddedRedis | None]:
+    """The Redis URL: the settings', or an embedded server's (closed with ``stack``)."""
+    if settings.redis_url is not None:
+        return settings.redis_url, None
+    server = EmbeddedRedis()
+    await server.start()
+    stack.push_async_callback(server.close)
+    return server.url, server
+
+
+async def _open_cache(settings: Settings, url: str, version: str, stack: AsyncExitStack) -> PreferenceCache:
     cache = PreferenceCache(
         url, version, settings.preference_ttl_s, settings.redis_timeout_s, settings.redis_retry_after_s
     )
     stack.push_async_callback(cache.close)
     if not await cache.ping():
         log.warning("redis at %s is unreachable at start: serving without a cache until it answers", url.split("@")[-1])
-    return cache, server
+    return cache
 
 
 @asynccontextmanager
 async def open_service(settings: Settings, metrics: ServiceMetrics) -> AsyncIterator[ServiceState]:
-    """Everything ``/rerank`` needs (run, Redis, engines, preferences, pipeline), closed in reverse order."""
+    """Everything ``/rerank`` needs (Redis, engines, and the run version ``settings.run_dir`` names: a run
+    directory or a run root's ``current``), closed in reverse order. Later versions open beside it with
+    ``open_version`` (``service.rollout``) and share its Redis, encoder and, where the weights match, engines."""
     async with AsyncExitStack() as stack:
         if settings.torch_threads is not None:  # leave the cores to the engine process; restored on close
             import torch
 
             stack.callback(torch.set_num_threads, torch.get_num_threads())
             torch.set_num_threads(settings.torch_threads)
+        url, server = await _start_redis(settings, stack)
+        pool = EnginePool(settings, metrics)
+        stack.push_async_callback(pool.close)
+        shared = Shared(url, server, pool, {})
+        first = AsyncExitStack()
+        stack.push_async_callback(first.aclose)  # a no-op when a rollout already closed it
+        state = await first.enter_async_context(open_version(settings, metrics, settings.run_dir, shared))
+        state.closer = first
+        yield state
+
+
+@asynccontextmanager
+async def open_version(
+    settings: Settings, metrics: ServiceMetrics, run_dir: Path, base: Shared | ServiceState
+) -> AsyncIterator[ServiceState]:
+    """One run version (refusing a partial or mismatched one): its artifacts, cache keys, preference service
+    and pipeline, on ``base``'s shared Redis and engines (new engines only for weights none serves yet)."""
+    shared = base.shared if isinstance(base, ServiceState) else base
+    assert shared is not None, "a state from open_version carries its shared parts"
+    async with AsyncExitStack() as stack:
         try:
-            artifacts = await asyncio.to_thread(load_artifacts, settings.run_dir, settings.verify_checksums)
+            artifacts = await asyncio.to_thread(load_artifacts, run_dir, settings.verify_checksums)
         except RunDirError as e:
-            log.error("refusing to start: %s", e)
+            log.error("refusing to serve %s: %s", run_dir, e)
             raise
-        encoder = await asyncio.to_thread(TextEncoder, artifacts.encoder_config)
+        encoder = await shared.encoder(artifacts)
         if encoder.dim != artifacts.preference_vectors.shape[1]:
             raise RunDirError(
                 f"the text encoder is {encoder.dim}-d but the run's preference vectors are "
                 f"{artifacts.preference_vectors.shape[1]}-d: encoder.json does not match the run"
             )
-        cache, server = await _start_cache(settings, artifacts.version, stack)
+        cache = await _open_cache(settings, shared.redis_url, artifacts.version, stack)
         if settings.warm_cache:
             await _warm_cache(cache, artifacts)
-        llm, supervisor = (
-            await _start_llm(settings, artifacts.llm, metrics, stack) if settings.llm_enabled else (None, None)
-        )
-        if supervisor is not None and settings.api_nice:  # not the thread that starts engines (service.processes)
-            lower_priority(settings.api_nice, keep={supervisor.starter_tid})
-            log.info("API process niceness +%d (the engine processes keep theirs)", settings.api_nice)
+        llm = supervisor = None
+        if settings.llm_enabled:
+            first_engines = shared.engines.started == 0
+            llm, supervisor, key = await shared.engines.acquire(artifacts)
+            stack.push_async_callback(shared.engines.release, key)
+            if first_engines and settings.api_nice:  # not the thread that starts engines (service.processes)
+                lower_priority(settings.api_nice, keep={supervisor.starter_tid})
+                log.info("API process niceness +%d (the engine processes keep theirs)", settings.api_nice)
         preferences = PreferenceService(
             version=artifacts.version,
             run_preferences={
@@ -254,7 +368,7 @@ async def open_service(settings: Settings, metrics: ServiceMetrics) -> AsyncIter
             "ready: run %s, version %s, redis %s, llm %s",
             artifacts.root,
             artifacts.version,
-            "embedded" if server else "external",
+            "embedded" if shared.redis_server else "external",
             "on" if llm else "off",
         )
         scoring = served_scoring(settings, artifacts.llm)
@@ -262,9 +376,10 @@ async def open_service(settings: Settings, metrics: ServiceMetrics) -> AsyncIter
         yield ServiceState(
             artifacts=artifacts,
             cache=cache,
-            redis_server=server,
+            redis_server=shared.redis_server,
             llm=llm,
             supervisor=supervisor,
             preferences=preferences,
             pipeline=pipeline,
+            shared=shared,
         )

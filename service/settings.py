@@ -136,7 +136,17 @@ class Settings(BaseSettings):
         "authentication",
     )
     max_body_bytes: int = Field(1 << 20, ge=256, description="request bodies larger than this many bytes -> 413")
-    drain_timeout_s: float = Field(10.0, ge=0, description="graceful shutdown: seconds to wait for in-flight requests")
+    drain_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        description="graceful shutdown, and a replaced run version: seconds to wait for its in-flight requests",
+    )
+    reload_poll_s: float | None = Field(
+        5.0,
+        gt=0,
+        description="seconds between looks at a run root's current pointer; when it moves, the new version is "
+        "loaded beside the served one, probed and swapped in (null: only on POST /admin/reload)",
+    )
 
     # ---- LLM engine ---------------------------------------------------------------------------------
     llm_enabled: bool = Field(True, description="false: no vLLM engine, retriever order only (flagged llm_disabled)")

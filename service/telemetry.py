@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 # Request latencies on CPU range from ~1 ms (cache + retriever) to seconds (LLM stages).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -59,6 +59,10 @@ class ServiceMetrics:
         self.answers = Counter(
             "dpo4rec_answers", "answers by request slice and by what ordered them", ["slice", "scorer"], registry=r
         )
+        self.reloads = Counter(
+            "dpo4rec_reloads", "run versions offered to the service: swapped in or refused", ["outcome"], registry=r
+        )
+        self.served_version = Info("dpo4rec_served", "the run version the service answers with", registry=r)
         self.degraded = Counter(
             "dpo4rec_degraded_responses", "answers with a degraded part, by reason", ["reason"], registry=r
         )

@@ -8,7 +8,7 @@ reads one flag: a liveness probe stays cheap.
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.deps import LimiterDep, MaybeStateDep, ServiceState, SettingsDep
@@ -39,7 +39,7 @@ async def livez(state: MaybeStateDep) -> JSONResponse:
     summary="Readiness",
     responses={503: {"model": ReadinessResponse, "description": "not ready; see the failing checks"}},
 )
-async def readyz(state: MaybeStateDep, settings: SettingsDep, limiter: LimiterDep) -> JSONResponse:
+async def readyz(request: Request, state: MaybeStateDep, settings: SettingsDep, limiter: LimiterDep) -> JSONResponse:
     """200 when artifacts are loaded, the engine is alive or being restarted (or disabled) and Redis answers (or
     is optional)."""
     checks: dict[str, CheckResult] = {}
@@ -52,6 +52,9 @@ async def readyz(state: MaybeStateDep, settings: SettingsDep, limiter: LimiterDe
         else:  # alive, restarting or failed, the pod answers (the retriever while the engine is down)
             checks["engine"] = CheckResult(ok=True, detail=state.supervisor.detail())
         checks["rerank"] = CheckResult(ok=True, detail=_rerank_mode(state))
+        rollout = getattr(request.app.state, "rollout", None)
+        refused = f"; refused {rollout.last_refusal}" if rollout is not None and rollout.last_refusal else ""
+        checks["version"] = CheckResult(ok=True, detail=f"serving {state.artifacts.version}{refused}")
         reachable = await state.cache.ping()
         where = "embedded" if state.redis_server is not None else "external"
         checks["redis"] = CheckResult(

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from service.deps import PipelineDep, RequestIdDep
+from service.deps import RequestIdDep, StateDep
 from service.protocol import ErrorResponse, RerankRequest, RerankResponse
 
 router = APIRouter(tags=["rerank"])
@@ -20,8 +20,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _rerank(request: RerankRequest, pipeline: PipelineDep, request_id: RequestIdDep) -> RerankResponse:
-    return await pipeline.rerank(request, request_id)
+async def _rerank(request: RerankRequest, state: StateDep, request_id: RequestIdDep) -> RerankResponse:
+    state.in_flight += 1  # the version this request started on: a rollout closes it only once this is back to 0
+    try:
+        return await state.pipeline.rerank(request, request_id)
+    finally:
+        state.in_flight -= 1
 
 
 router.add_api_route(
