@@ -72,16 +72,18 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     slices = list(doc["test"])
-    fig, axes = plt.subplots(1, len(slices), figsize=(3.2 * len(slices), 3.6), squeeze=False)
+    arms = list(dict.fromkeys(r["arm"] for name in slices for r in doc["test"][name]["rows"]))  # one y axis for all
+    fig, axes = plt.subplots(1, len(slices), figsize=(3.2 * len(slices), 3.6), squeeze=False, sharey=True)
     for ax, name in zip(axes[0], slices, strict=True):
-        rows = doc["test"][name]["rows"]
-        ax.barh([r["arm"] for r in rows], [r["NDCG@10"] for r in rows], xerr=[r["NDCG@10 sd over seeds"] for r in rows])
-        ax.set_title(name, fontsize=9)
-        ax.invert_yaxis()
+        rows = {r["arm"]: r for r in doc["test"][name]["rows"]}
+        values = [rows[a]["NDCG@10"] if a in rows else 0.0 for a in arms]
+        spread = [rows[a]["NDCG@10 sd over seeds"] if a in rows else 0.0 for a in arms]
+        ax.barh(range(len(arms)), values, xerr=spread)
+        ax.set_yticks(range(len(arms)), arms)
+        ax.set_title(f"{name} ({doc['test'][name]['events']})", fontsize=9)
         ax.tick_params(labelsize=7)
-        if ax is not axes[0][0]:
-            ax.set_yticklabels([])
         ax.set_xlabel("NDCG@10 (test)", fontsize=8)
+    axes[0][0].invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
