@@ -257,12 +257,14 @@ class SASRec(nn.Module):
     def _infer(self, seqs: Histories, prefs: Prefs) -> torch.Tensor:
         seq, pref = self._prepare(seqs, prefs)
         was_training = self.training
-        self.eval()
+        if was_training:  # a served model stays in eval mode: eval() and back walk every module (~0.25 ms)
+            self.eval()
         try:
             with torch.no_grad():
                 return self.forward(seq, pref)  # (B, H)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
 
     def full_sort_predict(self, seq: Histories, pref: Prefs = None) -> torch.Tensor:
         """Scores of every item (B, N+1), inner products with the item embeddings (column 0 = padding)."""

@@ -1,7 +1,9 @@
 """Typed accessors for the objects the lifespan puts on ``app.state``, and ``Annotated`` aliases.
 
 After vLLM's ``api_server.py`` (tiny accessors over ``app.state``) and full-stack-fastapi-template's
-``api/deps.py`` (aliases so that handlers read like their signature).
+``api/deps.py`` (aliases so that handlers read like their signature). The accessors are ``async def``:
+FastAPI runs a plain ``def`` dependency in a worker thread, three thread hops per ``/rerank`` for a
+dictionary lookup each.
 """
 
 from __future__ import annotations
@@ -18,37 +20,37 @@ from service.settings import Settings
 from service.telemetry import ServiceMetrics
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     metrics: ServiceMetrics = request.app.state.metrics
     return metrics
 
 
-def get_limiter(request: Request) -> InFlightLimiter:
+async def get_limiter(request: Request) -> InFlightLimiter:
     limiter: InFlightLimiter = request.app.state.limiter
     return limiter
 
 
-def get_state_or_none(request: Request) -> ServiceState | None:
+async def get_state_or_none(request: Request) -> ServiceState | None:
     return getattr(request.app.state, "service", None)
 
 
-def get_state(request: Request) -> ServiceState:
-    state = get_state_or_none(request)
+async def get_state(request: Request) -> ServiceState:
+    state = await get_state_or_none(request)
     if state is None:
         raise UnavailableError("the service is starting or stopping; retry shortly")
     return state
 
 
-def get_pipeline(state: Annotated[ServiceState, Depends(get_state)]) -> RerankPipeline:
+async def get_pipeline(state: Annotated[ServiceState, Depends(get_state)]) -> RerankPipeline:
     return state.pipeline
 
 
-def get_request_id(request: Request) -> str:
+async def get_request_id(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id") or "")
 
 
