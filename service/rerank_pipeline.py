@@ -109,10 +109,12 @@ class RerankPipeline:
         self.rerank_k = min(settings.rerank_k or artifacts.llm.rerank_k, llm.cfg.rerank_k if llm else 10**9)
         self.pref_dim = artifacts.retriever.cfg.pref_dim
         self.item_vectors = artifacts.retriever.item_vectors()  # (N+1, H): given candidates' retriever scores
-        self._query = Coalescer(self._user_vectors)  # (history, preference vector) -> user vector (H,)
+        batch = metrics.retriever_batch_size.observe
+        # (history, preference vector) -> user vector (H,)
+        self._query = Coalescer(self._user_vectors, on_batch=batch)
         # (history, preference vector, k, banned) -> the top k (scores, items): one forward pass and one FAISS
         # search, in one worker thread hop, for every request that asks at once
-        self._search = Coalescer(self._search_many)
+        self._search = Coalescer(self._search_many, on_batch=batch)
         self._texts: dict[int, HistoryItem] = {}  # catalog index -> prompt item, built once (see ``_text``)
         # what the run chose (llm.json "scoring"), or the operator's override (service.runtime.served_scoring);
         # weight 0: the LLM did not help on validation, and it is never called

@@ -285,7 +285,12 @@ async def _start_redis(settings: Settings, stack: AsyncExitStack) -> tuple[str, 
 
 async def _open_cache(settings: Settings, url: str, version: str, stack: AsyncExitStack) -> PreferenceCache:
     cache = PreferenceCache(
-        url, version, settings.preference_ttl_s, settings.redis_timeout_s, settings.redis_retry_after_s
+        url,
+        version,
+        settings.preference_ttl_s,
+        settings.redis_timeout_s,
+        settings.redis_retry_after_s,
+        local_ttl_s=settings.preference_local_ttl_s,
     )
     stack.push_async_callback(cache.close)
     if not await cache.ping():

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     preference_ttl_s: int = Field(
         7 * 24 * 3600, ge=1, description="TTL of a cached preference text, in seconds (7 days)"
     )
+    preference_local_ttl_s: float = Field(
+        1.0,
+        ge=0,
+        description="a cache hit is kept in the process this long (never past its Redis TTL; this process's writes "
+        "replace it at once, another's are read after this): no Redis round trip for hot users; 0: every request asks",
+    )
     warm_cache: bool = Field(True, description="load the run's precomputed preferences into Redis at start")
 
     # ---- request shape ------------------------------------------------------------------------------
@@ -141,6 +147,13 @@ class Settings(BaseSettings):
         ge=0,
         description="graceful shutdown, and a replaced run version: seconds to wait for its in-flight requests",
     )
+    background_train_config: str | None = Field(
+        None,
+        description="a training configuration to train into the served run root in the background (nice "
+        "+background_train_nice) when no version of it is there yet; rolled out live when it lands (null: none; "
+        "`make serve` sets it)",
+    )
+    background_train_nice: int = Field(19, ge=0, le=19, description="niceness of the background training")
     reload_poll_s: float | None = Field(
         5.0,
         gt=0,

@@ -81,6 +81,12 @@ class ServiceMetrics:
             buckets=(64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096),
             registry=r,
         )
+        self.retriever_batch_size = Histogram(
+            "dpo4rec_retriever_batch_size",
+            "requests served by one retriever forward pass (concurrent requests coalesced)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.engine_pending_tokens = Gauge(
             "dpo4rec_engine_pending_tokens", "prompt tokens of admitted LLM work not finished", registry=r
         )
