@@ -44,6 +44,7 @@ def train(
     root_dir: Annotated[
         bool, typer.Option("--root", help="OUT is a run root: write a new version into it and move current")
     ] = False,
+    status: Annotated[Path | None, typer.Option(help="a JSON file kept up to date with the running stage")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Run the offline pipeline: data, preferences, retrievers, index, evaluation, report. Into a run root (an
@@ -57,7 +58,7 @@ def train(
     root = None
     if is_root(out) or root_dir:  # a run root: the run is a new version in it, and current moves when it is whole
         root, out = out, out / f"{config.replace('/', '_').removesuffix('.yaml')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    doc = run_pipeline(cfg, out, overwrite=overwrite)
+    doc = run_pipeline(cfg, out, overwrite=overwrite, status=status)
     if root is not None:
         publish(root, out.name)
         console.print(f"{root}/current -> {out.name}")
@@ -73,16 +74,25 @@ def train(
 
 @app.command()
 def serve(
-    run: Annotated[Path, typer.Option(help="run directory to serve")] = Path("runs/default"),
+    run: Annotated[Path, typer.Option(help="run directory, or run root (its current version), to serve")] = Path(
+        "runs/default"
+    ),
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
+    train_in_background: Annotated[
+        str | None,
+        typer.Option(help="a config to train into the run root at low priority and roll out live when it lands"),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Serve POST /rerank on a run directory (settings from DPO4REC_* variables)."""
+    """Serve POST /rerank on a run directory or run root (settings from DPO4REC_* variables)."""
     apply_env_defaults()  # no console handler: the service writes its own log lines (one per record)
     from service.server import serve as run_server
 
-    run_server(run_dir=run, host=host, port=port, **({"log_level": "DEBUG"} if verbose else {}))
+    extra: dict[str, str] = {"log_level": "DEBUG"} if verbose else {}
+    if train_in_background:
+        extra["background_train_config"] = train_in_background
+    run_server(run_dir=run, host=host, port=port, **extra)
 
 
 Ray = Annotated[bool, typer.Option("--ray", help="run the chunks on Ray Data actors (RAY_ADDRESS or local Ray)")]

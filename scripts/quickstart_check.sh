@@ -22,7 +22,9 @@ start=$(date +%s)
 mkdir -p "$WORK/bin"
 printf '#!/bin/sh\necho "dpo4rec: not found (quickstart_check: call python -m dpo4rec)" >&2; exit 127\n' >"$WORK/bin/dpo4rec"
 chmod +x "$WORK/bin/dpo4rec"
-setsid env PATH="$WORK/bin:$PATH" make serve RUN="$RUN" CONFIG="$CONFIG" PORT="$PORT" PYTHON="$PYTHON" >"$LOG" 2>&1 &
+# BACKGROUND_CONFIG empty: no default run training behind the check (tests/service/test_background.py covers it)
+setsid env PATH="$WORK/bin:$PATH" make serve RUN="$RUN" CONFIG="$CONFIG" PORT="$PORT" PYTHON="$PYTHON" \
+  BACKGROUND_CONFIG= >"$LOG" 2>&1 &
 pid=$!
 stop() {
   kill -TERM -- "-$pid" 2>/dev/null || true
@@ -46,7 +48,7 @@ done
 ready=$(($(date +%s) - start))
 
 # A user of the run, and a new user known only by the history the request gives.
-user=$("$PYTHON" -c 'import json,sys; print(next(iter(json.load(open(sys.argv[1])))))' "$RUN/users.json")
+user=$("$PYTHON" -c 'import sys; from rundir.reader import read_users; print(next(iter(read_users(sys.argv[1]))))' "$RUN")
 for body in "{\"user_id\": \"$user\", \"top_n\": 5, \"return_items\": true}" \
   '{"user_id": "quickstart-new-user", "history": ["50", "172", "181"], "top_n": 5}'; do
   answer=$(curl -s -w '\n%{http_code}' "http://127.0.0.1:$PORT/rerank" -H 'content-type: application/json' -d "$body")

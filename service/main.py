@@ -16,7 +16,9 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
+from rundir.versions import is_root
 from service.auth import ApiKeyMiddleware, bearer_scheme
+from service.background import BackgroundTraining
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimitMiddleware, InFlightLimiter, InFlightLimitMiddleware
 from service.logging import RequestContextMiddleware
@@ -39,14 +41,31 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.metrics.served_version.info({"version": state.artifacts.version})
         app.state.rollout = rollout = Rollout(app, settings, app.state.metrics)
         rollout.start()  # watches a run root's current pointer (service.rollout)
+        app.state.training = training = _background_training(settings)
+        if training is not None:
+            training.start(rollout.reload)
         try:
             yield
         finally:
             drained = await app.state.limiter.drain(settings.drain_timeout_s)
             log.info("shutting down (in-flight drained: %s)", drained)
+            if training is not None:
+                await training.close()
             await rollout.close()
             app.state.rollout = None
             app.state.service = None
+
+
+def _background_training(settings: Settings) -> BackgroundTraining | None:
+    """The next version's training, when asked for, served from a run root, and not trained there yet."""
+    config = settings.background_train_config
+    if config is None:
+        return None
+    if not is_root(settings.run_dir):
+        log.warning("background training of %s skipped: %s is not a run root", config, settings.run_dir)
+        return None
+    training = BackgroundTraining(settings.run_dir, config, settings.background_train_nice)
+    return training if training.needed() else None
 
 
 def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
@@ -66,6 +85,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
     app.state.limiter = limiter = InFlightLimiter(settings.max_in_flight, settings.retry_after_s, metrics_)
     app.state.service = None
     app.state.rollout = None
+    app.state.training = None
     install_error_handlers(app)
     secured = [Depends(bearer_scheme)] if settings.api_keys else []
     app.include_router(rerank.router, dependencies=secured)

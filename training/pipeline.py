@@ -76,9 +76,10 @@ class _LLMStages:
     reranked: RerankResult | None = None
 
 
-def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False) -> dict[str, Any]:
-    """Train every stage the configuration enables and write the run directory ``out``; returns metrics.json."""
-    timer = StageTimer()
+def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, status: Path | None = None) -> dict[str, Any]:
+    """Train every stage the configuration enables and write the run directory ``out``; returns metrics.json.
+    ``status``: a JSON file kept up to date with the running stage (``training.stages.StageTimer``)."""
+    timer = StageTimer(status)
     base = _base_stages(cfg, timer)
     ranks, curves = dict(base.ranks), dict(base.curves)
     comparisons = [

@@ -8,8 +8,10 @@ never the pipeline or each other.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ from llm.prompts import PromptConfig
 from retrieval.catalog import Catalog
 from retrieval.encoder import TextEncoder
 from retrieval.sasrec import SASRec, SASRecConfig
+from rundir.manifest import atomic_write_text
 from training import ranking_metrics as M
 from training.config import PipelineConfig
 from training.dpo import TrainResult
@@ -35,15 +38,27 @@ BASE_ROW = "SASRec + base-LLM preferences"
 
 
 class StageTimer:
-    def __init__(self) -> None:
+    """Times the stages; with ``status``, keeps a JSON file saying which stage runs and which are done (a
+    service training its next version in the background shows it on /readyz: ``service.background``)."""
+
+    def __init__(self, status: Path | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.status = status
+        self.began = time.time()
+
+    def _write(self, stage: str | None) -> None:
+        if self.status is not None:
+            doc = {"pid": os.getpid(), "started": self.began, "stage": stage, "stage_started": time.time()}
+            atomic_write_text(self.status, json.dumps({**doc, "done": self.seconds}))
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         log.info("stage %s ...", name)
+        self._write(name)
         start = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - start, 2)
+        self._write(None)
         log.info("stage %s done in %.1f s", name, self.seconds[name])
 
 

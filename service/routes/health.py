@@ -55,6 +55,9 @@ async def readyz(request: Request, state: MaybeStateDep, settings: SettingsDep, 
         rollout = getattr(request.app.state, "rollout", None)
         refused = f"; refused {rollout.last_refusal}" if rollout is not None and rollout.last_refusal else ""
         checks["version"] = CheckResult(ok=True, detail=f"serving {state.artifacts.version}{refused}")
+        training = getattr(request.app.state, "training", None)
+        if training is not None:  # the next version, training in the background (service.background)
+            checks["training"] = CheckResult(ok=True, detail=training.describe())
         reachable = await state.cache.ping()
         where = "embedded" if state.redis_server is not None else "external"
         checks["redis"] = CheckResult(
