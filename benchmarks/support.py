@@ -156,11 +156,14 @@ def free_port() -> int:
 class Server:
     """``dpo4rec serve`` as a child process in its own session (so a hard stop reaches its engine too)."""
 
-    def __init__(self, run: Path, port: int, log_path: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self, run: Path, port: int, log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    ):
         self.run = run
         self.port = port
         self.log_path = log_path
         self.env = dict(env or {})  # on top of this process's environment (e.g. DPO4REC_REDIS_URL)
+        self.cwd = cwd  # the source tree to run (``python -m`` imports from it first); None: this one
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
 
@@ -176,7 +179,12 @@ class Server:
         log = open(self.log_path, "wb")
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+            cwd=self.cwd,
+            start_new_session=True,
         )
         log.close()  # the child holds its own descriptor
 
