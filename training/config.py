@@ -96,6 +96,14 @@ class RetrieverSection:
 class EvalSection:
     bootstrap: int = 2000  # resamples for confidence intervals on differences
     index_kind: str = "auto"  # FAISS index: auto | flat | hnsw
+    # Share of users whose validation items early stopping never sees: they choose what is served (the
+    # preference-augmented or aligned retriever only when its paired bootstrap CI over plain SASRec on them is
+    # above 0; else plain SASRec). 0: early stopping on every user and the last stage's retriever served.
+    select_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.select_share < 1.0:
+            raise ValueError(f"eval.select_share must be in [0, 1), got {self.select_share}")
 
 
 @dataclass

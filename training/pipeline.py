@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from llm.engine import GenerationConfig
 from retrieval.content import ContentTower, fit_text_tower
 from retrieval.encoder import EncoderConfig, TextEncoder
 from retrieval.index import ItemIndex
+from retrieval.sasrec import SASRec
 from rundir.spec import LLMSpec
 from rundir.writer import RunContents, write_run
 from training import ranking_metrics as M
@@ -34,13 +35,14 @@ from training.data import Dataset, load_dataset
 from training.preference_dpo import AlignResult, align_preferences
 from training.report import write_report
 from training.rerank_training import RerankResult, rerank_comparisons, train_reranker
-from training.retriever import score_users
+from training.retriever import rank_targets, score_users
 from training.split import Split, leave_one_out
 from training.stages import (
     Served,
     StageInputs,
     StageTimer,
     compare,
+    is_selection_user,
     popularity_scores,
     prompt_config,
     ranks_on_test,
@@ -63,6 +65,7 @@ class _Base:
     texts: dict[str, str]  # the base preference text per user
     samples: dict[str, list[str]] | None  # round-1 samples per DPO user, when the base stage drew them
     served: Served  # the base-preference row: texts, vectors, the augmented SASRec, its test ranks
+    plain: SASRec  # plain SASRec: what is served unless a preference retriever beats it on the selection users
     ranks: dict[str, np.ndarray]  # test ranks per row: most-popular, SASRec, the base-preference row
     curves: dict[str, list[dict[str, Any]]]  # SASRec validation curves per row
 
@@ -90,7 +93,8 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, status
     work = Path(tempfile.mkdtemp(prefix="dpo4rec-train-"))  # adapters and pairs, until the run is written
     try:
         llm = _llm_stages(cfg, base, work, timer)
-        served, doc = llm.served, dict[str, Any]()
+        served, selection = choose_served(cfg, base, llm.served, ranks)
+        doc: dict[str, Any] = {"selection": selection}
         if llm.aligned:
             ranks.update(llm.aligned.ranks)
             curves.update(llm.aligned.curves)
@@ -98,12 +102,13 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, status
             _merge_doc(doc, llm.aligned.doc)
         if llm.reranked:
             ranks.update(llm.reranked.ranks)
-            comparisons += rerank_comparisons(_per_user(ranks), served.row, cfg.eval.bootstrap)
+            comparisons += rerank_comparisons(_per_user(ranks), llm.served.row, cfg.eval.bootstrap)  # its lists
             _merge_doc(doc, llm.reranked.doc)
         with timer("index"):
             index = ItemIndex(served.retriever.item_vectors(), kind=cfg.eval.index_kind)
             test_seqs = _test_sequences(base.split, base.users)
-            queries = served.retriever.user_vectors([test_seqs[u] for u in base.users], served.vectors)
+            prefs = served.vectors if served.retriever.cfg.pref_dim else None  # plain SASRec reads no preference
+            queries = served.retriever.user_vectors([test_seqs[u] for u in base.users], prefs)
             index_recall = index.recall_vs_exact(queries, k=20)
         with timer("content_tower"):
             content = fit_content_tower(base, served.retriever.item_vectors())
@@ -118,9 +123,8 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, status
             "stage_seconds": timer.seconds,
             "curves": curves,
         }
-        if llm.aligned or llm.reranked:  # the served retriever, reward distributions, DPO curves, re-rank details
-            metrics_doc.update({"served_retriever": served.row, **doc})
-        version = _write(cfg, out, base, llm, index, content, metrics_doc, overwrite)
+        metrics_doc.update({"served_retriever": served.row, **doc})  # + reward, DPO curves, re-rank details
+        version = _write(cfg, out, base, replace(llm, served=served), index, content, metrics_doc, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("run written to %s (version %s)", out, version)
@@ -154,7 +158,7 @@ def _base_stages(cfg: PipelineConfig, timer: StageTimer) -> _Base:
         ranks[pref_row] = ranks_on_test(score_users(augmented, test_seqs, prefs, users), split, users)
     served = Served(pref_row, texts, vectors, augmented, ranks[pref_row])
     curves = {"SASRec": plain_curve, pref_row: aug_curve}
-    return _Base(dataset, split, users, encoder, texts, samples, served, ranks, curves)
+    return _Base(dataset, split, users, encoder, texts, samples, served, plain, ranks, curves)
 
 
 def _llm_stages(cfg: PipelineConfig, base: _Base, work: Path, timer: StageTimer) -> _LLMStages:
@@ -244,6 +248,34 @@ def fit_content_tower(base: _Base, item_vectors: np.ndarray) -> ContentTower:
     tower = fit_text_tower(base.encoder, base.dataset.catalog, warm, item_vectors)
     log.info("content tower on %d warm items: alpha %g, held-out R^2 %.3f", len(warm), tower.alpha, tower.holdout_r2)
     return tower
+
+
+def choose_served(
+    cfg: PipelineConfig, base: _Base, candidate: Served, ranks: dict[str, np.ndarray]
+) -> tuple[Served, dict[str, Any]]:
+    """Plain SASRec, unless the preference retriever the stages ended with beats it on the selection users'
+    validation items (never seen by early stopping: ``eval.select_share``) with a paired bootstrap CI above 0.
+    Early stopping picks the best of ~30 noisy evaluations, so the validation items it saw favour the model
+    with more variance; these did not take part."""
+    share = cfg.eval.select_share
+    users = [u for u in base.users if is_selection_user(u, share)]
+    if not users:
+        return candidate, {"select_share": share, "served": candidate.row, "why": "no selection users"}
+    seqs = {u: base.split.users[u].train for u in users}
+    valid = {u: base.split.users[u].valid for u in users}
+    rows = {u: i for i, u in enumerate(base.users)}
+    prefs = {u: candidate.vectors[rows[u]] for u in users}
+    plain = M.per_user(rank_targets(base.plain, seqs, valid, None, users))["NDCG@10"]
+    pref = M.per_user(rank_targets(candidate.retriever, seqs, valid, prefs, users))["NDCG@10"]
+    diff = M.bootstrap_diff(pref, plain, n_boot=cfg.eval.bootstrap)
+    keep = diff["ci_low"] > 0
+    served = candidate if keep else Served("SASRec", candidate.texts, candidate.vectors, base.plain, ranks["SASRec"])
+    log.info(
+        "served retriever: %s (%s vs SASRec on %d selection users' validation NDCG@10: %+.4f [%+.4f, %+.4f])",
+        served.row, candidate.row, len(users), diff["diff"], diff["ci_low"], diff["ci_high"],
+    )  # fmt: skip
+    return served, {"select_share": share, "users": len(users), "candidate": candidate.row, "vs_plain": diff,
+                    "served": served.row}  # fmt: skip
 
 
 def _test_sequences(split: Split, users: list[str]) -> dict[str, list[int]]:

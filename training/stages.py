@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,6 +106,12 @@ def ranks_on_test(scores: np.ndarray, split: Split, users: list[str]) -> np.ndar
     return M.ranks_of_targets(scores, targets, exclude)
 
 
+def is_selection_user(user: str, share: float) -> bool:
+    """Whether ``user``'s validation item is kept for choosing the served model (never for early stopping):
+    a stable hash of the id (crc32, not ``hash()``: the same users in every process and run)."""
+    return share > 0 and zlib.crc32(user.encode("utf-8")) % 10_000 < share * 10_000
+
+
 def train_sasrec(
     cfg: PipelineConfig,
     catalog: Catalog,
@@ -137,7 +144,8 @@ def train_sasrec(
         num_threads=r.num_threads,
     )
     train_seqs = {u: split.users[u].train for u in users}
-    valid = {u: split.users[u].valid for u in users}
+    stop = [u for u in users if not is_selection_user(u, cfg.eval.select_share)] or list(users)
+    valid = {u: split.users[u].valid for u in stop}  # early stopping; the selection users choose the served model
     described = None  # the items each preference text was written from (the prompt's newest items)
     if prefs is not None and r.mask_described:
         described = {u: train_seqs[u][-cfg.llm.history_items :] for u in users}

@@ -17,7 +17,8 @@ def test_readyz_reports_every_check(client):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["ready"] is True and body["model_version"] == VERSION
-    assert set(body["checks"]) == {"artifacts", "engine", "rerank", "redis", "accepting"}
+    assert set(body["checks"]) == {"artifacts", "engine", "rerank", "version", "redis", "accepting"}
+    assert body["checks"]["version"] == {"ok": True, "detail": f"serving {VERSION}"}
     assert body["checks"]["engine"] == {"ok": True, "detail": "alive"}
     assert body["checks"]["redis"]["detail"].startswith("embedded")
 

@@ -55,7 +55,11 @@ def test_dpo_loop_and_rerank_job_tiny_run(tiny_loop_run) -> None:
     assert set(doc["dpo_curves"]) == {"preference round 1", "rerank SFT", "rerank SFT+DPO"}
     assert doc["dpo_curves"]["preference round 1"]["step"] == [1.0, 2.0, 3.0]
     assert "after" in round1["reward_check"]["all_users"]
-    assert doc["served_retriever"] == aligned_row(1)
+    # served: the aligned retriever only if it beat plain SASRec on the selection users (not early stopping's)
+    selection = doc["selection"]
+    assert selection["candidate"] == aligned_row(1) and 0 < selection["users"] < 40
+    beat = selection["vs_plain"]["ci_low"] > 0
+    assert doc["served_retriever"] == selection["served"] == (aligned_row(1) if beat else "SASRec")
 
     # the re-rank job: only users whose test item is among the K are scored; the rest keep the retriever rank
     rerank = doc["rerank"]
