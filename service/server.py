@@ -14,6 +14,7 @@ from typing import Any
 
 from rundir.manifest import RunDirError, verify
 from rundir.reader import REQUIRED_FILES
+from rundir.versions import resolve
 from service.logging import configure_logging
 from service.main import create_app
 from service.settings import Settings
@@ -30,7 +31,7 @@ def serve(
     settings = Settings(_env_file=env_file, run_dir=Path(run_dir), **overrides)  # type: ignore[call-arg]
     configure_logging(settings.log_level, settings.json_logs)
     try:
-        verify(settings.run_dir, required=REQUIRED_FILES, checksums=False)  # fast: the lifespan checks sums
+        verify(resolve(settings.run_dir), required=REQUIRED_FILES, checksums=False)  # fast: the lifespan checks sums
     except RunDirError as e:
         raise SystemExit(f"cannot serve: {e}") from None
     app = create_app(settings)
