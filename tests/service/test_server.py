@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+
+from rundir.versions import publish
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +28,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_serve_answers_logs_json_and_stops_on_sigterm(tiny_run_dir, tmp_path):
+@pytest.mark.parametrize("served", ["run directory", "run root"])
+def test_serve_answers_logs_json_and_stops_on_sigterm(tiny_run_dir, tmp_path, served):
+    if served == "run root":  # a root whose current version is the tiny run (serve() checks what current names)
+        (tmp_path / "root").mkdir()
+        (tmp_path / "root" / "v1").symlink_to(tiny_run_dir)
+        publish(tmp_path / "root", "v1")
+        tiny_run_dir = tmp_path / "root"
     port = _free_port()
     env = {**os.environ, "DPO4REC_LLM_ENABLED": "false", "DPO4REC_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT)}
     code = f"from service.server import serve; serve({str(tiny_run_dir)!r}, port={port})"
