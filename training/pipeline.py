@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from llm.engine import GenerationConfig
+from llm.scoring import ScoringSpec
 from retrieval.content import ContentTower, fit_text_tower
 from retrieval.encoder import EncoderConfig, TextEncoder
 from retrieval.index import ItemIndex
@@ -192,7 +193,9 @@ def _write(
 ) -> str:
     """The run directory (``rundir.writer``) with llm.json, the report and the manifest; returns its version."""
     aligned, reranked, served, users = llm.aligned, llm.reranked, llm.served, base.users
-    scoring = reranked.scoring if reranked else None
+    # without a re-rank stage nothing measured the LLM's order: serve the retriever's (weight 0, no engine call;
+    # runs written before this served the raw LLM order, which reads the label prior: docs/RESULTS.md)
+    scoring = reranked.scoring if reranked else ScoringSpec(weight=0.0)
     spec = LLMSpec(
         base_model=cfg.llm.model,
         adapters={
@@ -206,14 +209,14 @@ def _write(
             temperature=cfg.llm.temperature,
             repetition_penalty=cfg.llm.repetition_penalty,
         ),
-        **({"scoring": scoring} if scoring else {}),  # none: an LLM-only order (no re-rank adapter trained)
+        scoring=scoring,
     )
     examples = {u: base.texts[u] for u in users[:3]}
     if aligned and served.texts is not base.texts:
         examples.update({f"{u} (DPO-aligned)": served.texts[u] for u in users[:3]})
     dataset = base.dataset
     version = f"{dataset.name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-    llm_rerank = "not trained" if scoring is None else ("on" if scoring.uses_llm else "skipped (fusion weight 0)")
+    llm_rerank = ("on" if scoring.uses_llm else "skipped (fusion weight 0)") if reranked else "not trained (weight 0)"
     rows = metrics_doc["rows"]
     write_run(
         out,
@@ -234,7 +237,7 @@ def _write(
         dataset=dataset.name,
         config=cfg.to_dict(),
         headline={r["system"]: {"NDCG@10": r["NDCG@10"], "Recall@10": r["Recall@10"]} for r in rows},
-        extra={"llm_rerank": llm_rerank, "fusion_weight": scoring.weight if scoring else None},
+        extra={"llm_rerank": llm_rerank, "fusion_weight": scoring.weight, "slice_weights": scoring.slice_weights},
         report=lambda folder: write_report(folder, metrics_doc, examples=examples),
         overwrite=overwrite,
     )

@@ -34,7 +34,9 @@ def test_train_into_a_run_root_publishes_each_version_and_rollback_returns(tmp_p
     first = runner.invoke(app, ["train", "--config", str(config), "--out", str(root), "--root"])
     assert first.exit_code == 0, first.output
     v1 = current_version(root)
-    assert load_artifacts(root).content is not None  # the content tower is part of every run
+    served = load_artifacts(root)
+    assert served.content is not None  # the content tower is part of every run
+    assert served.llm.scoring.weight == 0.0  # no re-rank stage measured the LLM's order: the retriever's is served
     second = runner.invoke(app, ["train", "--config", str(config), "--out", str(root)])  # a root: no flag needed
     assert second.exit_code == 0, second.output
     v2 = current_version(root)
