@@ -163,11 +163,16 @@ def batch_stats(text: str) -> tuple[float, float]:
     return found.get("sum", 0.0), found.get("count", 0.0)
 
 
-async def scrape(url: str) -> str:
+async def scrape(url: str) -> str | None:
+    """The service's /metrics page; None when it does not answer (a stalled machine: the level goes on)."""
     import httpx
 
     async with httpx.AsyncClient(base_url=url, trust_env=False) as client:
-        return (await client.get("/metrics", timeout=10.0)).text
+        try:
+            return (await client.get("/metrics", timeout=30.0)).text
+        except httpx.HTTPError as e:
+            print(f"[metrics] {url}: {type(e).__name__}", flush=True)
+            return None
 
 
 async def service_level(variant: Variant, rate: float, bodies: list[bytes], cfg: LoadConfig, seed: int) -> dict:
@@ -175,15 +180,18 @@ async def service_level(variant: Variant, rate: float, bodies: list[bytes], cfg:
 
     assert variant.server is not None and variant.server.proc is not None
     pid = variant.server.proc.pid
-    before = batch_stats(await scrape(variant.server.base_url))
+    before = await scrape(variant.server.base_url)
     poster = Poster(LoadConfig(**{**asdict(cfg), "url": variant.server.base_url}))
     try:
         level, _ = await measure_level(poster, rate, bodies, cfg, seed, lambda: tree_cpu(pid))
     finally:
         await poster.aclose()
-    after = batch_stats(await scrape(variant.server.base_url))
-    batches = after[1] - before[1]
-    level["mean_batch"] = (after[0] - before[0]) / batches if batches else None
+    after = await scrape(variant.server.base_url)
+    level["mean_batch"] = None
+    if before is not None and after is not None:
+        (sum_before, n_before), (sum_after, n_after) = batch_stats(before), batch_stats(after)
+        if n_after > n_before:
+            level["mean_batch"] = (sum_after - sum_before) / (n_after - n_before)
     level["loadavg_1m"] = os.getloadavg()[0]  # the machine's, other jobs included
     return level
 
@@ -193,7 +201,7 @@ def brief(level: dict[str, Any]) -> dict[str, Any]:
     keep = ("rate", "sent", "achieved_rps", "latency_ms", "p99_good_ms", "meets_slo", "goodput_rps", "error_share")
     out = {k: level[k] for k in keep}
     out |= {k: level.get(k) for k in ("http_429_share", "send_lag_ms", "generator_cpu_s", "mean_batch", "loadavg_1m")}
-    out["ok_rps"] = level["statuses"].get("200", 0) / (level["sent"] / level["offered_rps"])  # 2xx per second
+    out["ok_rps"] = level["statuses"].get("200", 0) / level["span_s"]  # 200s per second, the drain included
     server = level.get("other_cpu_s") or {}
     out["server_cpu_s"] = server
     out["server_cpu_ms_per_answer"] = 1000 * sum(server.values()) / level["sent"] if server else None
