@@ -101,26 +101,21 @@ def run_level(server: TinyServer, rate: float, duration_s: float, bodies: list[d
 
 
 def test_slow_server_does_not_slow_arrivals(fast_server: TinyServer) -> None:
+    """Arrivals follow the schedule, not the answers. Asserted without wall-clock bounds (the suite shares two
+    cores with engines): the schedule is the same for both servers, and against a server that holds every
+    answer 1 s, most of the 2 s level's requests are open at once, which a closed loop never does."""
     offsets = arrival_times(50, 2.0, seed=0)
-    sent: dict[str, list[float]] = {}
     with TinyServer(delay_s=1.0) as slow_server:
         for name, server in (("slow", slow_server), ("fast", fast_server)):
             result = run_level(server, 50, 2.0, [{"user_id": "ok", "top_n": 10}], stop_factor=0.0)
             level, shots = result.levels[0], result.shots[0]
             assert level["sent"] == len(offsets) == 100
             assert [s.scheduled_s for s in shots] == offsets  # the same schedule (seed 0, level 0)
-            assert level["statuses"] == {"200": 100}
-            assert level["send_lag_ms"]["p99"] < 100, level["send_lag_ms"]
-            assert len(server.arrivals) == 100
-            sent[name] = [t - server.arrivals[0] for t in sorted(server.arrivals)]
+            assert level["statuses"] == {"200": 100} and len(server.arrivals) == 100
             if name == "slow":
-                # every answer took >= 1 s, yet the requests arrived over the 2 s schedule, not 100 x 1 s
+                # every answer took >= 1 s, yet ~50 requests (1 s of the schedule) were open together
                 assert level["latency_ms"]["p50"] >= 1000
-                assert sent[name][-1] < 2.5
-    # the server saw the same send times whatever its speed
-    assert max(abs(a - b) for a, b in zip(sent["slow"], sent["fast"], strict=True)) < 0.1
-    expected = [o - offsets[0] for o in offsets]
-    assert max(abs(a - b) for a, b in zip(sent["fast"], expected, strict=True)) < 0.1
+                assert level["peak_in_flight"] >= 25, level["peak_in_flight"]
 
 
 def test_arrival_times_mean_and_burstiness() -> None:
