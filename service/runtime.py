@@ -348,7 +348,10 @@ async def open_version(
             first_engines = shared.engines.started == 0
             llm, supervisor, key = await shared.engines.acquire(artifacts)
             stack.push_async_callback(shared.engines.release, key)
-            if first_engines and settings.api_nice:  # not the thread that starts engines (service.processes)
+            # the API gives way only to a re-rank engine: at weight 0 the one engine writes background preferences
+            # (itself at +preference_engine_nice), and a niced API then answered at half the rate (BENCHMARKS)
+            reranks = served_scoring(settings, artifacts.llm).uses_llm
+            if first_engines and settings.api_nice and reranks:  # not the engine starter thread (service.processes)
                 lower_priority(settings.api_nice, keep={supervisor.starter_tid})
                 log.info("API process niceness +%d (the engine processes keep theirs)", settings.api_nice)
         preferences = PreferenceService(
