@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,6 +20,7 @@ from rich.table import Table
 
 from llm.engine import apply_env_defaults
 
+T = TypeVar("T")
 app = typer.Typer(help="DPO4Rec: LLM re-ranking for recommendations, aligned by DPO.", no_args_is_help=True)
 console = Console()
 
@@ -180,6 +182,18 @@ RunArg = Annotated[Path, typer.Argument(help="a run root (its current version mo
 ItemsOut = Annotated[Path | None, typer.Option(help="where the new version goes when RUN is a single run directory")]
 
 
+def _refusing(what: str, job: Callable[[], T]) -> T:
+    """``job()``, with a bad input or run (``ItemsFileError``, ``RunDirError``) printed and exit code 2."""
+    from dpo4rec.items import ItemsFileError
+    from rundir.manifest import RunDirError
+
+    try:
+        return job()
+    except (ItemsFileError, RunDirError) as e:
+        console.print(f"[red]{what}: {e}[/red]")
+        raise typer.Exit(2) from None
+
+
 @items_app.command("add")
 def items_add(
     run: RunArg,
@@ -189,14 +203,9 @@ def items_add(
 ) -> None:
     """Add items: their text through the run's content tower into catalog, retriever and FAISS index (seconds)."""
     _setup(verbose)
-    from dpo4rec.items import ItemsFileError, add_items
-    from rundir.manifest import RunDirError
+    from dpo4rec.items import add_items
 
-    try:
-        result = add_items(run, file, out)
-    except (ItemsFileError, RunDirError) as e:
-        console.print(f"[red]items add: {e}[/red]")
-        raise typer.Exit(2) from None
+    result = _refusing("items add", lambda: add_items(run, file, out))
     console.print(f"{len(result.added)} items added in {result.seconds:.1f} s -> {result.run_dir} ({result.version})")
 
 
@@ -209,14 +218,9 @@ def items_remove(
 ) -> None:
     """Take items out of retrieval (they stay in the catalog, so histories holding them still read)."""
     _setup(verbose)
-    from dpo4rec.items import ItemsFileError, remove_items
-    from rundir.manifest import RunDirError
+    from dpo4rec.items import remove_items
 
-    try:
-        result = remove_items(run, ids, out)
-    except (ItemsFileError, RunDirError) as e:
-        console.print(f"[red]items remove: {e}[/red]")
-        raise typer.Exit(2) from None
+    result = _refusing("items remove", lambda: remove_items(run, ids, out))
     console.print(f"{len(result.removed)} items out of retrieval -> {result.run_dir} ({result.version})")
 
 
@@ -258,14 +262,9 @@ def runs_weights(
 @app.command()
 def rollback(root: Annotated[Path, typer.Argument(help="a run root")]) -> None:
     """Move a run root's current pointer back to the version it served before."""
-    from rundir.manifest import RunDirError
     from rundir.versions import rollback as roll_back
 
-    try:
-        console.print(f"{root}/current -> {roll_back(root)}")
-    except RunDirError as e:
-        console.print(f"[red]rollback: {e}[/red]")
-        raise typer.Exit(2) from None
+    console.print(f"{root}/current -> {_refusing('rollback', lambda: roll_back(root))}")
 
 
 if __name__ == "__main__":
