@@ -166,7 +166,10 @@ def _new_version(
             f"{run} is a single run directory: give --out for the new version, or serve a run root "
             "(`dpo4rec runs init`) whose current pointer moves"
         )
-    version = f"{art.version.split('+')[0]}+{tag}-{began.strftime('%Y%m%d-%H%M%S')}"
+    stamp = f"{art.version.split('+')[0]}+{tag}-{began.strftime('%Y%m%d-%H%M%S')}"
+    version, n = stamp, 2
+    while root_mode and (Path(run) / version).exists():  # two changes in one second
+        version, n = f"{stamp}-{n}", n + 1
     final = Path(run) / version if root_mode else Path(out)  # type: ignore[arg-type]
     derive_run(art, final, version=version, changes=changes, **replaced)
     if root_mode:

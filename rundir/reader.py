@@ -72,7 +72,7 @@ class Artifacts:
 def load_artifacts(root: Path, checksums: bool = True) -> Artifacts:
     """Verify and load a run directory (or a run root's ``current`` version); raises :class:`RunDirError`
     naming the problem."""
-    root = resolve(Path(root))
+    root = resolve(Path(root)).resolve()  # the real folder: a symlink such as /runs/current may move later
     manifest = verify(root, required=REQUIRED_FILES, checksums=checksums)
     version = str(manifest.get("version") or "")
     if not version:

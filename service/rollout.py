@@ -63,7 +63,7 @@ class Rollout:
         while True:
             await asyncio.sleep(every_s)
             try:
-                if resolve(self.settings.run_dir) != self.state.artifacts.root:
+                if resolve(self.settings.run_dir).resolve() != self.state.artifacts.root.resolve():
                     await self.reload()
             except Exception:  # noqa: BLE001  # the poll must outlive a bad version: reload() reports it
                 log.exception("rollout: poll failed")
@@ -76,10 +76,11 @@ class Rollout:
             begin = time.perf_counter()
             old = self.state
             try:
-                target = resolve(self.settings.run_dir)
+                # the real folder: a run root's current, or a symlink such as /runs/current moved by a training job
+                target = resolve(self.settings.run_dir).resolve()
             except Exception as e:  # noqa: BLE001  # a broken pointer is a refusal, never a crash
                 return self._refused(str(target_name(self.settings.run_dir)), str(e), begin)
-            if target == old.artifacts.root:
+            if target == old.artifacts.root.resolve():
                 return ReloadOutcome("unchanged", old.artifacts.version)
             stack = AsyncExitStack()
             try:

@@ -103,14 +103,18 @@ def test_versions_swap_under_load_without_errors_or_mixed_answers(client, root, 
     assert ready["checks"]["version"]["detail"].startswith(f"serving {served[-1]}; refused broken:")
 
 
-def test_the_poll_follows_current_without_an_admin_call(root, tmp_path):
+@pytest.mark.parametrize("served", ["root", "root/current"])  # the second: k8s serves the /runs/current symlink
+def test_the_poll_follows_current_without_an_admin_call(root, tmp_path, served):
     from service.main import create_app
 
-    app = create_app(base_settings(root, llm_enabled=False, reload_poll_s=0.2))
+    app = create_app(
+        base_settings(root if served == "root" else root / "current", llm_enabled=False, reload_poll_s=0.2)
+    )
     with TestClient(app) as lite:
         before = lite.post("/rerank", json={"user_id": "u2", "top_n": 3}).json()["model_version"]
         new_items = tmp_path / "more.jsonl"
-        new_items.write_text(json.dumps({"id": "p1", "title": "Wild River 5 (2032)", "genres": ["Action"]}) + "\n")
+        item = {"id": f"p-{served}", "title": "Wild River 5 (2032)", "genres": ["Action"]}
+        new_items.write_text(json.dumps(item) + "\n")
         added = add_items(root, new_items)
         for _ in range(100):  # the poll runs every 0.2 s; loading a tiny version takes well under a second
             answer = lite.post("/rerank", json={"user_id": "u2", "top_n": 3}).json()
