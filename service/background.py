@@ -57,8 +57,10 @@ class BackgroundTraining:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # stopped as a group (its vLLM engines included)
-                preexec_fn=lambda: os.nice(self.nice),  # noqa: PLW1509  # nothing but a nice() before exec
             )
+        # niced from here, not in a preexec_fn (unsafe in a threaded process): the trainer's engines and workers
+        # are started later by its main thread and inherit it
+        os.setpriority(os.PRIO_PROCESS, self.process.pid, self.nice)
         log.info("training %s in the background (pid %d, nice +%d): %s", self.config, self.process.pid, self.nice,
                  self.root / LOG)  # fmt: skip
         self._watch = asyncio.create_task(self._follow(on_done), name="background-training")

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -50,6 +51,8 @@ def test_the_next_version_trains_in_the_background_and_is_rolled_out_live(tmp_pa
     with TestClient(app) as client:
         assert client.post("/rerank", json={"user_id": "u1", "top_n": 3}).json()["model_version"]
         details = []
+        trainer = app.state.training.process
+        assert psutil.Process(trainer.pid).nice() == 19  # the requests come first
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             ready = client.get("/readyz")
