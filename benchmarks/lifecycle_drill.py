@@ -161,14 +161,17 @@ def build_versions(root: Path, removed_item: str, work: Path) -> Versions:
 
 
 def tamper(root: Path, version: str) -> str:
-    """A copy of ``version`` under a name of its own whose catalog no longer matches its manifest checksum."""
+    """A copy of ``version`` under a name of its own whose first listed file no longer matches its manifest
+    checksum (the catalog: still readable, so only the checksum can refuse it)."""
+    from rundir.manifest import MANIFEST, atomic_write_text, read_manifest
+
     name = f"{version}+tampered"
     shutil.copytree(root / version, root / name)
-    manifest = json.loads((root / name / "manifest.json").read_text())
+    manifest = read_manifest(root / name)
     manifest["version"] = name  # were it served, its answers would say so
-    (root / name / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    with open(root / name / "catalog.jsonl", "a") as f:
-        f.write("\n")  # still a readable catalog: only the checksum can refuse it
+    atomic_write_text(root / name / MANIFEST, json.dumps(manifest, indent=2))
+    with open(root / name / sorted(manifest["files"])[0], "a") as f:
+        f.write("\n")
     return name
 
 
