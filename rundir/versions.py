@@ -25,6 +25,12 @@ CURRENT = "current"
 HISTORY = ".history"
 
 
+def version_prefix(config: str) -> str:
+    """How ``dpo4rec train --root`` names a version of ``config`` (a name or a YAML path): this, then a time
+    stamp; the background training reads it to tell whether a configuration was trained into a root."""
+    return f"{config.replace('/', '_').removesuffix('.yaml')}-"
+
+
 def is_root(path: Path) -> bool:
     """A run root: a folder with a ``current`` pointer (and no manifest of its own)."""
     return (Path(path) / CURRENT).is_symlink()

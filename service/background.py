@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
 
-from rundir.versions import versions
+from rundir.versions import version_prefix, versions
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class BackgroundTraining:
 
     @property
     def prefix(self) -> str:
-        return f"{self.config.replace('/', '_').removesuffix('.yaml')}-"  # dpo4rec train --root names versions so
+        return version_prefix(self.config)
 
     def needed(self) -> bool:
         """No version of the root was trained with this configuration yet."""
