@@ -116,7 +116,7 @@ def test_the_poll_follows_current_without_an_admin_call(root, tmp_path, served):
         item = {"id": f"p-{served}", "title": "Wild River 5 (2032)", "genres": ["Action"]}
         new_items.write_text(json.dumps(item) + "\n")
         added = add_items(root, new_items)
-        for _ in range(100):  # the poll runs every 0.2 s; loading a tiny version takes well under a second
+        for _ in range(600):  # the poll runs every 0.2 s; loading a tiny version takes well under a second
             answer = lite.post("/rerank", json={"user_id": "u2", "top_n": 3}).json()
             if answer["model_version"] == added.version:
                 break
