@@ -5,7 +5,7 @@ From the repository root:
     python -m benchmarks.engine_steps --run runs/small --steps 1024,null,512 --concurrency 4,16
 
 For each ``--steps`` value (``DPO4REC_MAX_NUM_BATCHED_TOKENS``: prompt tokens per engine step; ``null`` is
-vLLM's default, 2048 on a CPU) it starts the service's re-rank engine (``service.runtime.engine_config``
+vLLM's default, 2048 on a CPU) it starts the service's re-rank engine (``service.engines.engine_config``
 and ``served_jobs``, the run's weights, fusion weight forced to 1), then scores re-rank prompts at each
 ``--concurrency`` in a closed loop of ``--seconds``, like the service benchmark's bare levels. The prompts
 are the service's (``llm.prompts``): a user of the run, their preference text and recent items, and ten
@@ -64,7 +64,7 @@ async def one_engine(run: Path, steps: int | None, levels: list[int], seconds: f
 
     from llm.engine import ascore_labels, async_engine, make_lora
     from rundir.reader import load_llm_spec
-    from service.runtime import engine_config, model_folder, served_jobs
+    from service.engines import engine_config, model_folder, served_jobs
     from service.settings import Settings
 
     settings = Settings(run_dir=run, fusion_weight=1.0, max_num_batched_tokens=steps)  # type: ignore[call-arg]

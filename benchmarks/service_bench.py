@@ -20,7 +20,7 @@ phases never overlap, so they do not share the CPU):
    (a hit), each pair at concurrency 1;
 4. stops the service, rebuilds the very same re-rank prompts outside it (``llm.prompts`` + ``llm.labels``)
    and times ``llm.engine.ascore_labels`` on a fresh engine with the service's configuration and weights
-   (``service.runtime.engine_config``, ``served_jobs``): one at a time (the service's overhead at
+   (``service.engines.engine_config``, ``served_jobs``): one at a time (the service's overhead at
    concurrency 1 = end-to-end / bare engine), and at concurrency 4 and 16, each a closed loop of
    ``--level-seconds`` as the service's levels (distinct prompts per level, so the prefix cache does not
    flatter a level; a 32-prompt burst read the rate off ~8 s of ramp and drain, and the best of three
@@ -730,7 +730,7 @@ def print_table(report: dict[str, Any]) -> None:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from rundir.manifest import RunDirError
     from rundir.reader import load_llm_spec, read_version
-    from service.runtime import engine_config, model_folder, served_jobs
+    from service.engines import engine_config, model_folder, served_jobs
     from service.settings import Settings
 
     run = args.run.resolve()

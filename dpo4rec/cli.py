@@ -97,6 +97,37 @@ def serve(
     run_server(run_dir=run, host=host, port=port, **extra)
 
 
+@app.command()
+def engine(
+    run: Annotated[Path, typer.Option(help="run directory or run root (its current version) to serve")] = Path(
+        "runs/default"
+    ),
+    job: Annotated[str, typer.Option(help="rerank, preference, or all (the jobs the service runs)")] = "all",
+    host: Annotated[str, typer.Option(help="interface to bind")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    print_only: Annotated[bool, typer.Option("--print", help="print the vllm serve command, do not run it")] = False,
+) -> None:
+    """Start the engine tier's server for a run: `vllm serve` with the service's engine settings (DPO4REC_*), the
+    jobs' weights under the names the service asks for. Point the service at it with DPO4REC_ENGINE_URL."""
+    import os
+    import shlex
+
+    apply_env_defaults()
+    from service.engines import engine_command
+    from service.settings import Settings
+
+    try:
+        argv, env = engine_command(Settings(run_dir=run), run, job, host, port)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    shown = ["***" if i and argv[i - 1] == "--api-key" else a for i, a in enumerate(argv)]
+    if print_only:
+        typer.echo(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + (" " if env else "") + shlex.join(shown))
+        return
+    console.print(f"[bold]vllm serve[/] {shlex.join(shown[3:])}")
+    os.execve(argv[0], argv, {**env, **os.environ})  # an explicit variable wins; signals go to vllm itself
+
+
 Ray = Annotated[bool, typer.Option("--ray", help="run the chunks on Ray Data actors (RAY_ADDRESS or local Ray)")]
 RayActors = Annotated[int, typer.Option(help="Ray actors, each with its own engine", min=1)]
 ChunkSize = Annotated[int, typer.Option(help="requests in flight together (one engine batch) per checkpoint", min=1)]

@@ -26,9 +26,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from vllm import LLM, RequestOutput, SamplingParams
     from vllm.lora.request import LoRARequest
     from vllm.v1.engine.async_llm import AsyncLLM
+
+    from llm.remote import RemoteEngine
+
+    # what the async calls run on: the in-process engine, or a vLLM server answering the same calls (llm.remote)
+    AsyncEngine: TypeAlias = AsyncLLM | RemoteEngine
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +330,7 @@ async def async_engine(
         engine.shutdown()
 
 
-async def awarm_up(engine: AsyncLLM) -> None:
+async def awarm_up(engine: AsyncEngine) -> None:
     """One scoring and one generation request on the async engine: the first real requests do not pay set-up
     costs (seconds on CPU), and an engine that cannot serve fails here."""
     await ascore_labels(engine, _WARM_UP_PROMPT, _WARM_UP_IDS, request_id=f"warm-up-score-{uuid.uuid4().hex[:8]}")
@@ -338,7 +345,7 @@ def warm_up(llm: LLM) -> None:
     generate(llm, [_WARM_UP_PROMPT], GenerationConfig(max_tokens=2), progress=False)
 
 
-def engine_alive(engine: AsyncLLM) -> bool:
+def engine_alive(engine: AsyncEngine) -> bool:
     """False once the engine core died or its output loop stopped. vLLM watches its engine-core process (a
     thread on the process's sentinel) and sets this within milliseconds of a crash; the engine never recovers,
     it has to be replaced (``service.supervisor``)."""
@@ -346,10 +353,11 @@ def engine_alive(engine: AsyncLLM) -> bool:
 
 
 def is_engine_dead(error: BaseException) -> bool:
-    """Whether a call failed because the engine died (vLLM's ``EngineDeadError``), not because of the request."""
+    """Whether a call failed because the engine is gone (vLLM's ``EngineDeadError``, or a remote engine that does
+    not answer: ``llm.remote.EngineUnreachable``, a ``ConnectionError``), not because of the request."""
     from vllm.v1.engine.exceptions import EngineDeadError
 
-    return isinstance(error, EngineDeadError)
+    return isinstance(error, EngineDeadError | ConnectionError)
 
 
 def make_lora(name: str, path: str | Path, lora_id: int) -> LoRARequest:
@@ -399,7 +407,7 @@ def score_labels(
 
 
 async def agenerate(
-    engine: AsyncLLM,
+    engine: AsyncEngine,
     prompt: Prompt,
     gen: GenerationConfig,
     request_id: str | None = None,
@@ -411,7 +419,7 @@ async def agenerate(
 
 
 async def ascore_labels(
-    engine: AsyncLLM,
+    engine: AsyncEngine,
     prompt: Prompt,
     label_ids: Sequence[int],
     request_id: str | None = None,
@@ -448,7 +456,7 @@ def _scoring_params(label_ids: Sequence[int]) -> SamplingParams:
 
 
 async def _final_output(
-    engine: AsyncLLM,
+    engine: AsyncEngine,
     prompt: Prompt,
     params: SamplingParams,
     request_id: str | None,

@@ -1,4 +1,4 @@
-"""The service's view of the LLM: its two jobs on the in-process vLLM ``AsyncLLM``.
+"""The service's view of the LLM: its two jobs on the in-process vLLM ``AsyncLLM`` or a vLLM server (``llm.remote``).
 
 - ``preference``: history -> preference text (generation; prompt from ``llm.prompts.preference_messages``);
 - ``score``: preference + recent history + lettered candidates -> one probability per candidate, read
@@ -34,7 +34,8 @@ from service.telemetry import ServiceMetrics
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
-    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from llm.engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class LanguageModel:
 
     def __init__(
         self,
-        engines: dict[str, AsyncLLM],
+        engines: dict[str, AsyncEngine],
         tokenizer: Any,
         cfg: LLMJobConfig,
         metrics: ServiceMetrics,
@@ -98,7 +99,7 @@ class LanguageModel:
         }
 
     @property
-    def distinct_engines(self) -> list[AsyncLLM]:
+    def distinct_engines(self) -> list[AsyncEngine]:
         return list({id(e): e for e in self.engines.values()}.values())
 
     @property
@@ -108,7 +109,7 @@ class LanguageModel:
     def unfinished_requests(self) -> int:
         return sum(int(e.get_num_unfinished_requests()) for e in self.distinct_engines)
 
-    def _engine(self, job: str) -> AsyncLLM:
+    def _engine(self, job: str) -> AsyncEngine:
         engine = self.engines.get(job)
         if engine is None:
             raise LLMError(f"{job}: no engine was started for this job")
@@ -116,7 +117,7 @@ class LanguageModel:
             raise EngineUnavailable(f"{job}: the engine is dead, restarting")
         return engine
 
-    def replace_engine(self, old: AsyncLLM, new: AsyncLLM) -> None:
+    def replace_engine(self, old: AsyncEngine, new: AsyncEngine) -> None:
         """A restarted engine takes the place of the dead ``old`` for every job it served (``service.supervisor``);
         calls made from now on go to it."""
         for job, engine in self.engines.items():
@@ -205,7 +206,7 @@ class LanguageModel:
         return self.admission.rate
 
     @staticmethod
-    async def _abort(engine: AsyncLLM, request_id: str) -> None:
+    async def _abort(engine: AsyncEngine, request_id: str) -> None:
         try:
             await engine.abort(request_id)
         except Exception as e:  # best effort: the engine may already be gone

@@ -116,7 +116,7 @@ class RerankPipeline:
         # search, in one worker thread hop, for every request that asks at once
         self._search = Coalescer(self._search_many, on_batch=batch)
         self._texts: dict[int, HistoryItem] = {}  # catalog index -> prompt item, built once (see ``_text``)
-        # what the run chose (llm.json "scoring"), or the operator's override (service.runtime.served_scoring);
+        # what the run chose (llm.json "scoring"), or the operator's override (service.engines.served_scoring);
         # weight 0: the LLM did not help on validation, and it is never called
         self.scoring = scoring or artifacts.llm.scoring
         self.content = artifacts.content  # new items' text -> item vectors (None: a run without a tower)

@@ -6,13 +6,10 @@ objects with the same engine configuration. ``open_service`` loads the run (refu
 mismatched one), starts the embedded Redis when no URL is set, starts the engines, and ALWAYS shuts them
 down, in reverse order.
 
-Engines and weights (``served_jobs``): a job ("preference", "rerank") runs on the base model plus its
-adapter from ``llm.json``. With ``llm_adapters = "merged"`` (the default) each adapter is merged into a
-cached full model (``llm.weights.merged_model``) and each distinct set of weights gets its own engine:
-vLLM's CPU LoRA path is about 10x slower at prefill (docs/BENCHMARKS.md). With ``"lora"`` one engine
-serves both jobs through vLLM multi-LoRA (less memory; the faster choice on a GPU). A job the run does
-not use is not started: at fusion weight 0 the re-rank job never calls an engine. The engines are owned by
-``service.supervisor``, which restarts one that dies (with back-off) and shuts them all down on close.
+Which engines run which weights is ``service.engines`` (in process, or on the engine tier's servers with
+``DPO4REC_ENGINE_URL``). A job the run does not use is not started: at fusion weight 0 the re-rank job never
+calls an engine. The engines are owned by ``service.supervisor``, which restarts an in-process one that dies
+(with back-off) and shuts them all down on close; ``EnginePool`` shares them between the versions served.
 """
 
 from __future__ import annotations
@@ -24,24 +21,33 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from llm.engine import EngineConfig, resolve_dtype, resolve_step_tokens
-from llm.models import resolve_model
 from llm.prompts import history_text
-from llm.scoring import ScoringSpec
-from llm.weights import merged_model
 from retrieval.encoder import TextEncoder
 from rundir.manifest import RunDirError
 from rundir.reader import Artifacts, LLMSpec, load_artifacts
 from service.admission import Admission
 from service.cache import CacheUnavailable, Preference, PreferenceCache
+from service.engines import (
+    JobWeights,
+    adapter_files,
+    base_model,
+    llm_jobs,
+    model_folder,
+    remote_targets,
+    restart_policy,
+    served_jobs,
+    served_scoring,
+    supervised_engines,
+)
 from service.language_model import LanguageModel, LLMJobConfig
 from service.preferences import PreferenceService
 from service.processes import lower_priority
 from service.redis_server import EmbeddedRedis
 from service.rerank_pipeline import RerankPipeline
 from service.settings import Settings
-from service.supervisor import EngineSupervisor, RestartPolicy, SupervisedEngine
+from service.supervisor import EngineSupervisor, SupervisedEngine
 from service.telemetry import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -86,10 +92,9 @@ class EnginePool:
         """What decides the engines: the base model, the adapters' content (their manifest checksums: a version
         copies its adapters, so paths differ where the weights do not), the jobs served, the job settings."""
         spec = artifacts.llm
-        model = str(self.settings.llm_model) if self.settings.llm_model else spec.base_model
-        files = artifacts.manifest.get("files", {})
+        model = base_model(self.settings, spec)
         adapters = tuple(
-            (job, tuple(sorted((n, d) for n, d in files.items() if n.startswith(f"adapters/{job}/"))) or str(a))
+            (job, adapter_files(spec, artifacts.manifest, job) or str(a))
             for job, a in sorted(spec.adapters.items())
             if a is not None
         )
@@ -104,7 +109,7 @@ class EnginePool:
             if lease is None:
                 stack = AsyncExitStack()
                 try:
-                    llm, supervisor = await _start_llm(self.settings, spec, self.metrics, stack)
+                    llm, supervisor = await _start_llm(self.settings, spec, artifacts.manifest, self.metrics, stack)
                 except BaseException:
                     await stack.aclose()
                     raise
@@ -149,58 +154,6 @@ class Shared:
         return self.encoders[key]
 
 
-@dataclass(frozen=True)
-class JobWeights:
-    """What one LLM job runs on: a model folder, and a LoRA folder when adapters are served as LoRA."""
-
-    model: Path
-    lora: Path | None = None
-
-
-def served_scoring(settings: Settings, spec: LLMSpec) -> ScoringSpec:
-    """The run's scoring (``llm.json``), with the fusion weight overridden when the settings say so."""
-    if settings.fusion_weight is None:
-        return spec.scoring
-    return replace(spec.scoring, weight=settings.fusion_weight, slice_weights=None)  # one weight for every slice
-
-
-def served_jobs(settings: Settings, spec: LLMSpec, model_dir: Path) -> dict[str, JobWeights]:
-    """The jobs the service runs and their weights; re-rank only when the scoring calls the LLM."""
-    jobs = ["preference"] + (["rerank"] if served_scoring(settings, spec).uses_llm else [])
-    out: dict[str, JobWeights] = {}
-    for job in jobs:
-        adapter = spec.adapters.get(job)
-        if adapter is None:
-            out[job] = JobWeights(model_dir)
-        elif settings.llm_adapters == "lora":
-            out[job] = JobWeights(model_dir, adapter)
-        else:  # merged once per adapter content, reused by every later start
-            out[job] = JobWeights(merged_model(model_dir, adapter, settings.model_cache))
-    return out
-
-
-def engine_config(settings: Settings, spec: LLMSpec, model: Path, lora: bool) -> EngineConfig:
-    """The ``EngineConfig`` of one service engine (the benchmark's bare engine uses this too)."""
-    return EngineConfig(
-        model=str(model),
-        max_model_len=settings.max_model_len,
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=resolve_step_tokens(settings.max_num_batched_tokens),
-        max_logprobs=max(64, settings.rerank_k or spec.rerank_k),
-        enable_lora=lora,
-        kv_cache_gib=settings.kv_cache_gib,
-        dtype=resolve_dtype(settings.llm_dtype),
-        block_size=settings.llm_block_size,
-        omp_wait_policy=settings.engine_omp_wait,
-        ipc_busy_loop_s=settings.engine_ipc_busy_loop_s,
-    )
-
-
-def model_folder(settings: Settings, spec: LLMSpec) -> Path:
-    """The base model's folder: the settings' override, else ``llm.json``'s model (resolved offline)."""
-    return resolve_model(str(settings.llm_model) if settings.llm_model else spec.base_model, settings.model_cache)
-
-
 async def _warm_cache(cache: PreferenceCache, artifacts: Artifacts) -> None:
     """Put the run's precomputed preferences into Redis (a Redis outage only logs a warning)."""
     items = (
@@ -216,35 +169,21 @@ async def _warm_cache(cache: PreferenceCache, artifacts: Artifacts) -> None:
     log.info("cache warmed with %d preferences", written)
 
 
-def supervised_engines(settings: Settings, spec: LLMSpec, jobs: dict[str, JobWeights]) -> list[SupervisedEngine]:
-    """One engine per distinct model folder, with the jobs it serves; one that only generates preferences in
-    the background runs niced (``preference_engine_nice``)."""
-    engines = []
-    for folder in dict.fromkeys(w.model for w in jobs.values()):
-        served = tuple(job for job, w in jobs.items() if w.model == folder)
-        lora = any(jobs[job].lora is not None for job in served)
-        nice = settings.preference_engine_nice if "rerank" not in served else 0
-        engines.append(SupervisedEngine(engine_config(settings, spec, folder, lora), served, nice=nice))
-    return engines
-
-
-def restart_policy(settings: Settings) -> RestartPolicy:
-    return RestartPolicy(
-        backoff_s=settings.engine_restart_backoff_s,
-        backoff_max_s=settings.engine_restart_backoff_max_s,
-        max_failures=settings.engine_restart_max_failures,
-    )
-
-
 async def _start_llm(
-    settings: Settings, spec: LLMSpec, metrics: ServiceMetrics, stack: AsyncExitStack
+    settings: Settings, spec: LLMSpec, manifest: dict[str, Any], metrics: ServiceMetrics, stack: AsyncExitStack
 ) -> tuple[LanguageModel, EngineSupervisor]:
     from transformers import AutoTokenizer
 
-    model_dir = await asyncio.to_thread(model_folder, settings, spec)
+    model_dir = await asyncio.to_thread(model_folder, settings, spec)  # the tokenizer's, also with remote engines
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
-    jobs = await asyncio.to_thread(served_jobs, settings, spec, model_dir)
-    supervisor = EngineSupervisor(supervised_engines(settings, spec, jobs), restart_policy(settings), metrics)
+    remote = remote_targets(settings, spec, manifest, llm_jobs(settings, spec))
+    if remote:  # the engine tier serves the weights: nothing to merge or start here
+        jobs = {job: JobWeights(model_dir) for job in remote}
+        slots = [SupervisedEngine(target, (job,)) for job, target in remote.items()]
+    else:
+        jobs = await asyncio.to_thread(served_jobs, settings, spec, model_dir)
+        slots = supervised_engines(settings, spec, jobs)
+    supervisor = EngineSupervisor(slots, restart_policy(settings), metrics)
     stack.push_async_callback(supervisor.close)  # shuts down whatever started, even if a later start fails
     engines = await supervisor.start()  # warmed up
     generation = spec.preference_generation
@@ -261,7 +200,12 @@ async def _start_llm(
     llm = LanguageModel(engines, tokenizer, cfg, metrics, admission)
     log.info(
         "llm jobs: %s",
-        ", ".join(f"{job} on {w.model.name}{' + LoRA ' + w.lora.name if w.lora else ''}" for job, w in jobs.items()),
+        ", ".join(
+            f"{job} on {remote[job].url} ({remote[job].model})"
+            if job in remote
+            else f"{job} on {w.model.name}{' + LoRA ' + w.lora.name if w.lora else ''}"
+            for job, w in jobs.items()
+        ),
     )
     if settings.admission:  # the engine's prompt tokens/s on this machine, before the first request
         rate = await llm.measure_rate()
@@ -351,7 +295,8 @@ async def open_version(
             # the API gives way only to a re-rank engine: at weight 0 the one engine writes background preferences
             # (itself at +preference_engine_nice), and a niced API then answered at half the rate (BENCHMARKS)
             reranks = served_scoring(settings, artifacts.llm).uses_llm
-            if first_engines and settings.api_nice and reranks:  # not the engine starter thread (service.processes)
+            local = not settings.engine_urls()  # remote engines run on their own cores
+            if first_engines and settings.api_nice and reranks and local:  # not the engine starter thread
                 lower_priority(settings.api_nice, keep={supervisor.starter_tid})
                 log.info("API process niceness +%d (the engine processes keep theirs)", settings.api_nice)
         preferences = PreferenceService(

@@ -250,6 +250,25 @@ class Settings(BaseSettings):
         "Kubernetes restarts the pod (the retriever answers until then)",
     )
 
+    # ---- remote engines (the engine tier, SPEC section 11) --------------------------------------------
+    engine_url: str | None = Field(
+        None,
+        description="a vLLM OpenAI-compatible server (`dpo4rec engine`) that scores re-ranks and generates "
+        "preferences instead of an in-process engine, e.g. http://dpo4rec-engine:8000 (null: in-process engines)",
+    )
+    preference_engine_url: str | None = Field(
+        None, description="the preference job's server when it is not engine_url's (null: engine_url)"
+    )
+    engine_api_key: SecretStr | None = Field(
+        None, description="bearer token the remote engines expect (vllm serve --api-key); null: none"
+    )
+    engine_wait_s: float = Field(
+        120.0,
+        ge=0,
+        description="how long the service waits at start for a remote engine that does not answer yet (it may be "
+        "starting too) before it gives up; a server that answers without this run's models is refused at once",
+    )
+
     # ---- logging ------------------------------------------------------------------------------------
     log_level: LogLevel = Field("INFO", description="level of the service's logs")
     json_logs: bool = Field(True, description="one JSON object per log line (false: plain text)")
@@ -324,11 +343,25 @@ class Settings(BaseSettings):
                 f"engine_restart_backoff_max_s ({self.engine_restart_backoff_max_s}) is below engine_restart_backoff_s "
                 f"({self.engine_restart_backoff_s}); raise DPO4REC_ENGINE_RESTART_BACKOFF_MAX_S"
             )
+        if self.preference_engine_url is not None and self.engine_url is None:
+            raise ValueError(
+                "preference_engine_url is set without engine_url: set DPO4REC_ENGINE_URL too (the re-rank job's "
+                "server; it may be the same URL)"
+            )
+        for url in (self.engine_url, self.preference_engine_url):
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ValueError(f"engine URL {url!r} must start with http:// or https://")
         if self.rerank_k is not None and self.rerank_k > self.max_candidates:
             raise ValueError(
                 f"rerank_k ({self.rerank_k}) exceeds max_candidates ({self.max_candidates}); lower DPO4REC_RERANK_K"
             )
         return self
+
+    def engine_urls(self) -> dict[str, str]:
+        """Job -> remote engine URL; empty with in-process engines."""
+        if self.engine_url is None:
+            return {}
+        return {"rerank": self.engine_url, "preference": self.preference_engine_url or self.engine_url}
 
     @property
     def log_level_number(self) -> int:

@@ -36,12 +36,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from llm.engine import EngineConfig, EngineCounters, awarm_up, engine_alive, make_async_engine
+from llm.remote import RemoteEngine, RemoteTarget
 from service.processes import descendants, lower_priority
 from service.telemetry import ServiceMetrics
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from llm.engine import AsyncEngine
     from service.language_model import LanguageModel
 
 log = logging.getLogger(__name__)
@@ -65,11 +67,11 @@ class RestartPolicy:
 class SupervisedEngine:
     """One engine: what it is built from, the jobs it serves, and where it stands."""
 
-    config: EngineConfig
+    config: EngineConfig | RemoteTarget  # an in-process engine's, or the server the job's calls go to
     jobs: tuple[str, ...]  # served by this engine ("preference", "rerank")
     counters: EngineCounters = field(default_factory=EngineCounters)  # kept across restarts
     nice: int = 0  # added to its processes' niceness (an engine that only generates in the background)
-    engine: AsyncLLM | None = None
+    engine: AsyncLLM | RemoteEngine | None = None
     state: State = "alive"
     pids: set[int] = field(default_factory=set)  # its processes (found as the children its start added)
     started_at: float = 0.0  # event-loop time of its last start
@@ -80,6 +82,8 @@ class SupervisedEngine:
     error: str = ""  # the last failure
 
     def describe(self, now: float) -> str:
+        if isinstance(self.engine, RemoteEngine):  # never restarted here: whether its server answers
+            return self.engine.describe()
         if self.state == "alive":
             n = self.restarts
             return "alive" if n == 0 else f"alive (restarted {n} time{'s' if n > 1 else ''})"
@@ -108,14 +112,14 @@ class EngineSupervisor:
 
     # ---- starting and swapping --------------------------------------------------------------------
 
-    async def start(self) -> dict[str, AsyncLLM]:
+    async def start(self) -> dict[str, AsyncEngine]:
         """Start every engine (raising if one cannot start: the service does not come up); job -> engine."""
         for slot in self.engines:
             slot.engine = await self._start(slot)
             self._set_state(slot, "alive")
         return self.jobs()
 
-    def jobs(self) -> dict[str, AsyncLLM]:
+    def jobs(self) -> dict[str, AsyncEngine]:
         return {job: slot.engine for slot in self.engines if slot.engine is not None for job in slot.jobs}
 
     def watch(self, llm: LanguageModel) -> None:
@@ -123,9 +127,23 @@ class EngineSupervisor:
         self._llm = llm
         self._watching = asyncio.create_task(self._watch(), name="engine-supervisor")
 
-    async def _start(self, slot: SupervisedEngine) -> AsyncLLM:
-        """Build an engine on the starter thread, find its processes, warm it up (a failure shuts it down)."""
+    async def _start(self, slot: SupervisedEngine) -> AsyncLLM | RemoteEngine:
+        """Build an engine on the starter thread, find its processes, warm it up (a failure shuts it down); for a
+        remote engine, connect to its server and warm it up (the server is the engine tier's to start)."""
         loop = asyncio.get_running_loop()
+        if isinstance(slot.config, RemoteTarget):
+            remote = RemoteEngine(
+                slot.config.url, slot.config.model, slot.counters, slot.config.api_key, request_timeout_s=600.0
+            )
+            try:
+                await remote.open(wait_s=slot.config.wait_s)
+                await awarm_up(remote)  # type: ignore[arg-type]  # AsyncLLM's calls, over HTTP
+            except BaseException:
+                await remote.aclose()
+                raise
+            slot.started_at = loop.time()
+            log.info("%s job on the engine at %s (%s)", "+".join(slot.jobs), slot.config.url, slot.config.model)
+            return remote
         before = descendants()
         building = loop.run_in_executor(self._starter, make_async_engine, slot.config, slot.counters)
         self._building = building
@@ -150,8 +168,12 @@ class EngineSupervisor:
         slot.started_at = loop.time()
         return engine
 
-    async def _shut_down(self, engine: AsyncLLM) -> None:
-        """``AsyncLLM.shutdown`` on the starter thread: a live engine's processes may take seconds to stop."""
+    async def _shut_down(self, engine: AsyncLLM | RemoteEngine) -> None:
+        """``AsyncLLM.shutdown`` on the starter thread: a live engine's processes may take seconds to stop (a remote
+        engine's connections only)."""
+        if isinstance(engine, RemoteEngine):
+            await engine.aclose()
+            return
         try:
             await asyncio.get_running_loop().run_in_executor(self._starter, engine.shutdown)
         except Exception as e:  # best effort: what is left of a dead engine

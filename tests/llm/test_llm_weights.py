@@ -13,7 +13,7 @@ from llm.prompts import PromptConfig
 from llm.scoring import ScoringSpec
 from llm.weights import adapter_digest, merged_model
 from rundir.reader import LLMSpec
-from service.runtime import served_jobs
+from service.engines import served_jobs
 from service.settings import Settings
 
 
