@@ -141,9 +141,8 @@ def test_remote_scores_and_preferences_equal_the_in_process_engine(
         return run_async(client_, run)
 
     local, far = scores(client, local_llm), scores(remote, remote_llm)
-    print(
-        f"\nlargest |remote - in-process| label log-prob: {max(np.max(np.abs(a - b)) for a, b in zip(local, far)):.2e}"
-    )
+    largest = max(float(np.max(np.abs(a - b))) for a, b in zip(local, far, strict=True))
+    print(f"\nlargest |remote - in-process| label log-prob: {largest:.2e}")
     for a, b in zip(local, far, strict=True):
         assert a.shape == b.shape == (8,)
         assert np.isfinite(b).all() and abs(np.exp(b).sum() - 1) < 1e-3  # after the label mask, as in process
@@ -246,3 +245,28 @@ def test_a_stopped_or_killed_server_gives_flagged_answers_and_no_5xx(
     assert ready.status_code == 200  # the pod answers correctly: the engine tier's own probes restart its pods
     assert "not answering" in ready.json()["checks"]["engine"]["detail"]
     assert remote.get("/livez").status_code == 200
+
+
+def test_dpo4rec_engine_prints_the_server_the_service_asks_for(tiny_run_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dpo4rec.cli import app as cli
+    from rundir.manifest import read_manifest
+    from rundir.spec import load_llm_spec
+    from service.engines import served_name
+    from service.settings import Settings
+
+    shown = CliRunner().invoke(cli, ["engine", "--run", str(tiny_run_dir), "--port", "8123", "--print"])
+    assert shown.exit_code == 0, shown.output
+    settings, spec, manifest = (
+        Settings(run_dir=tiny_run_dir),
+        load_llm_spec(tiny_run_dir, []),
+        read_manifest(tiny_run_dir),
+    )
+    names = [served_name(settings, spec, manifest, job) for job in ("preference", "rerank")]
+    assert f"--served-model-name {names[0]} {names[1]} " in shown.output
+    assert "--logprobs-mode processed_logprobs" in shown.output and "--port 8123" in shown.output
+    assert "OMP_WAIT_POLICY=PASSIVE" in shown.output  # the engine's environment, as in process
+
+    wrong = CliRunner().invoke(cli, ["engine", "--run", str(tiny_run_dir), "--job", "ranker", "--print"])
+    assert wrong.exit_code == 2 and "unknown job 'ranker'" in wrong.output
