@@ -70,7 +70,7 @@ def served_jobs(
         elif settings.llm_adapters == "lora":
             out[job] = JobWeights(model_dir, adapter)
         else:  # merged once per adapter content, reused by every later start
-            out[job] = JobWeights(merged_model(model_dir, adapter, settings.model_cache))
+            out[job] = JobWeights(merged_model(model_dir, adapter, settings.merge_cache))
     return out
 
 

@@ -164,6 +164,11 @@ class Settings(BaseSettings):
     # ---- LLM engine ---------------------------------------------------------------------------------
     llm_enabled: bool = Field(True, description="false: no vLLM engine, retriever order only (flagged llm_disabled)")
     model_cache: Path = Field(Path("~/.cache/dpo4rec/models"), description="where resolve_model keeps converted models")
+    merge_cache: Path = Field(
+        Path("~/.cache/dpo4rec/models"),
+        description="where adapters merged into the base weights are written, once per adapter content: a writable "
+        "folder (the images' model_cache is read-only in the Kubernetes pods)",
+    )
     llm_model: Path | None = Field(
         None, description="HF model folder overriding llm.json's base_model; null: the run's"
     )
@@ -273,7 +278,7 @@ class Settings(BaseSettings):
     log_level: LogLevel = Field("INFO", description="level of the service's logs")
     json_logs: bool = Field(True, description="one JSON object per log line (false: plain text)")
 
-    @field_validator("run_dir", "model_cache", "llm_model", mode="after")
+    @field_validator("run_dir", "model_cache", "merge_cache", "llm_model", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

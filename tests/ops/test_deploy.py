@@ -368,6 +368,10 @@ def test_config_map_holds_valid_service_settings(overlay: str, monkeypatch: pyte
         monkeypatch.setenv(key, value)
     settings = Settings(run_dir=tmp_path)  # type: ignore[call-arg]  # validates every value
     assert str(settings.model_cache) == image_env(dockerfile_stages(), "cpu")["DPO4REC_MODEL_CACHE"]
+    # merged adapters are written at start: under the pods' writable home (an emptyDir), not the read-only image
+    home = Path(image_env(dockerfile_stages(), "cpu")["HOME"])
+    merged = Path(str(settings.merge_cache).replace(str(Path("~").expanduser()), str(home), 1))
+    assert merged.is_relative_to(home) or merged.is_relative_to("/tmp"), f"merge_cache {settings.merge_cache}"
 
 
 def test_batch_jobs_use_real_cli_options() -> None:
