@@ -76,7 +76,7 @@ def test_served_jobs_start_the_rerank_job_only_when_the_llm_scores(
 
 
 def test_served_jobs_merge_each_adapter_by_default(tiny_llm_dir: Path, tiny_lora_dir: Path, tmp_path: Path) -> None:
-    settings = Settings(run_dir=tmp_path, model_cache=tmp_path / "cache")
+    settings = Settings(run_dir=tmp_path, merge_cache=tmp_path / "cache")
     got = served_jobs(settings, _spec(tiny_llm_dir, tiny_lora_dir, 1.0), tiny_llm_dir)
     assert got["rerank"].lora is None and got["rerank"].model.parent == tmp_path / "cache" / "merged"
     assert got["preference"].model == got["rerank"].model  # the same adapter: one merged folder, one engine
