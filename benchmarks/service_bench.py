@@ -34,7 +34,10 @@ phases never overlap, so they do not share the CPU):
 
 A run that chose fusion weight 0 never calls the LLM; ``--fusion-weight`` sets ``DPO4REC_FUSION_WEIGHT``
 so the LLM path is measured anyway. Every loop is bounded in requests and time; traffic goes to
-127.0.0.1 only. Prints a table and writes a JSON summary (``--out``; the service's log next to it).
+127.0.0.1 only. Prints a table and writes a JSON summary (``--out``; the service's log next to it): rates,
+percentiles, goodput, shares, CPU, the machine, the command and the date, and per-request arrays never (the
+repository keeps summaries). ``--requests-log PATH`` (outside the repository) writes every request's row as
+JSONL: each answer of each level, the bare engine's one-at-a-time times, and the overhead pairs.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from benchmarks.support import (
 )
 
 ENGINE_GAUGE = "dpo4rec_engine_unfinished_requests"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- measurements ---------------------------------------------------------------------------------------
@@ -642,6 +646,9 @@ async def service_phase(
             out["cache"] = {
                 name: {
                     "latency_ms": latency_summary([s.latency_ms for s in group if s.ok]),
+                    "prompt_tokens": latency_summary(
+                        [float(s.prompt_tokens) for s in group if s.prompt_tokens is not None]
+                    ),
                     "stages_ms": stage_means([s for s in group if s.ok]),
                     "sources": [s.source for s in group],
                     "degraded": [s.degraded for s in group],
@@ -870,20 +877,27 @@ def bracketed(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-SAMPLES_KEPT = 100  # per level in the JSON: a 30 s level at concurrency 32 answers thousands of requests
-
-
-def trim_samples(report: dict[str, Any], keep: int) -> None:
-    """Keep the first ``keep`` samples of each level in the summary (the summaries cover them all), and
-    none of the payloads (the samples name their users and histories)."""
+def split_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Take every per-request array out of ``report`` (the service's samples and payloads, the bare engine's
+    one-at-a-time times, the overhead pairs) and return them as rows tagged with their phase and level; the
+    summary keeps how many answers each level had (``samples_answered``) and the statistics over all of them."""
+    rows: list[dict[str, Any]] = []
     for phase in ("service", "service_repeat"):
         if phase not in report:
             continue
-        samples = report[phase]["samples"]
         report[phase].pop("payloads", None)
+        samples = report[phase].pop("samples", {})
         report[phase]["samples_answered"] = {name: len(group) for name, group in samples.items()}
-        for name, group in samples.items():
-            samples[name] = group[:keep]
+        rows += [{"phase": phase, "level": name, **to_jsonable(s)} for name, group in samples.items() for s in group]
+    single = (report.get("bare_engine") or {}).get("single", {})
+    rows += [{"phase": "bare_engine", "level": "single", "latency_ms": ms} for ms in single.pop("per_request_ms", [])]
+    for name in ("overhead", "overhead_repeat"):
+        rows += [{"phase": name, "level": "c1", **row} for row in (report.get(name) or {}).pop("per_request", [])]
+    return rows
+
+
+def outside_repository(path: Path) -> bool:
+    return not path.resolve().is_relative_to(ROOT)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -900,10 +914,15 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="run directory to serve")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/service.json"), help="JSON summary")
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/service.json"), help="JSON summary (no per-request rows)"
+    )
+    parser.add_argument(
+        "--requests-log", type=Path, help="every request's row as JSONL (a path outside the repository; default: none)"
+    )
     parser.add_argument("--port", type=int, default=0, help="service port on 127.0.0.1 (0: a free one)")
     parser.add_argument("--concurrency", type=parse_ints, default=[1, 4, 16, 32], help="levels, comma-separated")
     parser.add_argument("--requests", type=parse_ints, default=[1000, 2000, 3000, 3000], help="most requests per level")
@@ -933,12 +952,18 @@ def main() -> None:
     parser.add_argument("--request-timeout-s", type=float, default=120.0, help="client timeout of one request")
     parser.add_argument("--level-timeout-s", type=float, default=900.0, help="no new request after this per level")
     parser.add_argument("--startup-timeout-s", type=float, default=900.0, help="wait this long for /readyz")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.requests_log and not outside_repository(args.requests_log):
+        parser.error(f"--requests-log: per-request rows stay out of the repository ({ROOT}); pick a path outside it")
     if len(args.concurrency) != len(args.requests) or not args.concurrency:
         parser.error("--concurrency and --requests need the same number of values")
     if not set(args.repeat) <= set(args.concurrency):
         parser.error("--repeat names levels of --concurrency only")
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     # the service caps a request's deadline by its own default; let the benchmark's through
@@ -950,7 +975,13 @@ def main() -> None:
 
     report = asyncio.run(main_async(args))
     print_table(report)
-    trim_samples(report, SAMPLES_KEPT)
+    rows = split_rows(report)
+    report["requests_log"] = str(args.requests_log) if args.requests_log else None
+    if args.requests_log:
+        args.requests_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.requests_log, "w") as f:
+            f.writelines(json.dumps(to_jsonable(row)) + "\n" for row in rows)
+        print(f"per-request rows: {args.requests_log} ({len(rows)})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(to_jsonable(report), indent=1) + "\n")
     print(f"summary: {args.out}")
