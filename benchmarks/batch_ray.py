@@ -4,12 +4,13 @@ Issue 25, item 4 ("Batch on Ray at local speed"). For each job (``preferences``:
 preference text with the LLM; ``rerank``: ``/rerank`` bodies of the run's users at fusion weight
 ``--fusion-weight``, so the LLM scores them) it runs the chunk stream of ``dpo4rec.batch`` twice on the same
 payloads: the local path (``_local_stream``: one service stack in this process) and the Ray path
-(``_ray_stream``: ``map_batches`` over ``--actors`` engine-owning actors, on a local Ray started here with
-``num_cpus`` = this machine's cores). Each finished chunk's arrival time is recorded at the driver, so:
+(``_ray_stream``: ``map_batches`` over ``--actors`` engine-owning actors, on a local Ray started as the job
+starts it, ``dpo4rec.batch.start_ray``: every core of this machine). Each finished chunk's arrival time
+is recorded at the driver, so:
 
 - start-up seconds: until the first chunk arrived, less one steady chunk (Ray start, actor start, engine
   start and warm-up, run loading), with Ray's own ``ray.init`` also given apart;
-- steady lines/s: the lines of every later chunk over the time from the first chunk's arrival to the last's;
+- steady lines/s: the lines of chunks 2..n-1 over the time from the first chunk's arrival to chunk n-1's;
 - lines/s per core: steady lines/s over the cores both paths have (this machine's; Ray is started with all
   of them), and the Ray/local ratio of steady throughput (the issue's aim: >= 0.9).
 
@@ -20,8 +21,8 @@ nothing is written to the run). From the repository root::
     python -m benchmarks.batch_ray --run runs/tiny --inputs 64 --chunk-size 16 \\
         --out benchmarks/results/batch_ray.json
 
-Preference inputs beyond the run's users reuse their histories under new user ids (a request id is unique
-per user, so a chunk never holds one twice).
+Every input generates one preference with the LLM: ``preferences`` users, and ``rerank`` requests of new users
+with a history (so every request pays the same); past the run's users, histories are rotated under new ids.
 """
 
 from __future__ import annotations
@@ -51,29 +52,32 @@ def cpu_flags() -> dict[str, bool]:
 
 
 def payloads(kind: str, run: Path, n: int) -> list[str]:
-    """``n`` inputs of the job, as ``dpo4rec.batch`` builds them."""
+    """``n`` inputs of the job, alike in cost: each generates one preference text with the LLM (``rerank``: a
+    new user with a history, then re-ranked with the LLM). Past the run's users, histories are rotated so
+    no prompt repeats (the prefix cache would make those cheaper)."""
     from dpo4rec.batch import _histories
 
     histories = _histories(run, None)
     users = list(histories)
-    if kind == "preferences":
-        rows = []
-        for i in range(n):
-            user = users[i % len(users)]
-            uid = user if i < len(users) else f"{user}-copy{i // len(users)}"
-            rows.append(json.dumps({"user_id": uid, "history": histories[user]}))
-        return rows
-    return [
-        json.dumps({"line": i + 1, "request": json.dumps({"user_id": users[i % len(users)], "top_n": 10})})
-        for i in range(n)
-    ]
+    rows = []
+    for i in range(n):
+        user = users[i % len(users)]
+        turn = i // len(users)
+        history = histories[user][turn:] + histories[user][:turn]
+        if kind == "preferences":
+            rows.append(json.dumps({"user_id": f"{user}-{turn}", "history": history}))
+        else:
+            request = json.dumps({"user_id": f"bench-{i}", "history": history, "top_n": 10})
+            rows.append(json.dumps({"line": i + 1, "request": request}))
+    return rows
 
 
 def summarise(marks: list[tuple[float, int]], end_s: float) -> dict[str, Any]:
     """Start-up and steady rate from the chunks' arrival times (seconds from the stream's start)."""
     first_s, first_n = marks[0]
-    later = marks[1:]
-    steady = sum(n for _, n in later) / (marks[-1][0] - first_s) if later else None
+    # chunks 2..n-1: robust to a driver that sees each chunk one late (then the last two come together)
+    later = marks[1:-1]
+    steady = sum(n for _, n in later) / (later[-1][0] - first_s) if later else None
     chunk_s = [b[0] - a[0] for a, b in zip(marks, marks[1:], strict=False)]
     return {
         "lines": sum(n for _, n in marks),
@@ -94,10 +98,13 @@ def one_path(kind: str, spec: Any, items: list[str], chunk: int, use_ray: bool, 
     cpu_before = tree_cpu(os.getpid())
     t0 = time.perf_counter()
     ray_init_s = None
-    if use_ray:
-        import ray
+    if use_ray:  # started as the job starts it (dpo4rec.batch.start_ray), timed on its own
+        if hasattr(batch, "start_ray"):
+            batch.start_ray()
+        else:  # a source tree from before start_ray (a baseline): what its _ray_stream did
+            import ray
 
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            ray.init(include_dashboard=False, log_to_driver=False)
         ray_init_s = round(time.perf_counter() - t0, 2)
     marks: list[tuple[float, int]] = []
     cpu_after = cpu_before

@@ -23,8 +23,11 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
+import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -146,6 +149,7 @@ def service_settings(run_dir: Path, **overrides: Any) -> dict[str, Any]:
         "max_num_batched_tokens": None,  # no deadline to predict: vLLM's larger steps
         "engine_slots": None,  # and the engine batches all it is given
         "preference_workers": 64,  # a batch waits for its missing texts: generate them together
+        "preference_engine_nice": 0,  # a preference-only engine is the job here, not background work
         **overrides,
     }
 
@@ -232,13 +236,23 @@ class ChunkWorker:
     with a ``payload`` column and come back with a ``line`` column.
     """
 
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, open_marks: str | None = None):
         self.spec = spec
+        self.mark: Path | None = None
+        if open_marks is not None and Path(open_marks).is_dir():  # the driver's folder: a local Ray cluster
+            self.mark = Path(open_marks) / str(os.getpid())
+            self.mark.touch()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="batch-worker", daemon=True)
         self.thread.start()
         self._stack = worker_state(spec)
-        self.state = self._run(self._stack.__aenter__())
+        try:
+            self.state = self._run(self._stack.__aenter__())
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            if self.mark is not None:
+                self.mark.unlink(missing_ok=True)
+            raise
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
@@ -257,6 +271,9 @@ class ChunkWorker:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=30)
+            if self.mark is not None:
+                self.mark.unlink(missing_ok=True)
+                self.mark = None
 
     def __del__(self) -> None:  # Ray tears actors down without a close call
         if getattr(self, "thread", None) is not None and self.thread.is_alive():
@@ -324,31 +341,105 @@ class RaySettings(BaseSettings):
     actor_cpus: float = Field(
         default=1.0, description="CPUs each engine-owning Ray Data actor reserves (fractions allowed)"
     )
+    actor_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="OpenMP/torch threads of each actor's own process (its text encoder; the engine sizes its "
+        "own). null: this process's `OMP_NUM_THREADS`, else the actor's CPUs rounded up (Ray's default "
+        "would round down, to 1 thread at 1 CPU or less)",
+    )
+    worker_niceness: int | None = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="niceness of Ray's worker processes (the actors and the engines they start) when the job "
+        "starts Ray on this machine; Ray's own default, 15, puts the engine below the driver, Ray's daemons "
+        "and everything else on the machine. null: Ray's. A cluster's is set where it is started",
+    )
+
+
+def start_ray(settings: RaySettings | None = None) -> bool:
+    """``ray.init`` unless Ray is up: the cluster of ``RAY_ADDRESS``, else a local one whose workers run at
+    ``worker_niceness``. Returns whether this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    settings = settings or RaySettings()
+    if settings.address is None and settings.worker_niceness is not None:
+        # read by the raylet that ray.init starts (Ray's RAY_<config> convention); an explicit one wins
+        os.environ.setdefault("RAY_worker_niceness", str(settings.worker_niceness))
+    ray.init(address=settings.address, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def actor_env(settings: RaySettings) -> dict[str, str]:
+    """What an engine-owning actor's process needs in its environment beyond the cluster's."""
+    threads = settings.actor_threads
+    if threads is None:
+        threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, math.ceil(settings.actor_cpus)))
+    return {"OMP_NUM_THREADS": str(threads)}
+
+
+OPEN_WAIT_S = 120.0  # how long the driver waits for actors on this machine to shut their engines down
+
+
+def _wait_closed(marks: Path, timeout_s: float = OPEN_WAIT_S) -> None:
+    """Wait until every actor on this machine has closed its engine (its mark gone, or its process)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        open_pids = []
+        for mark in marks.iterdir():
+            try:
+                os.kill(int(mark.name), 0)
+                open_pids.append(int(mark.name))
+            except (ProcessLookupError, ValueError):  # died without closing: nothing left to wait for
+                mark.unlink(missing_ok=True)
+        if not open_pids:
+            return
+        if time.monotonic() > deadline:
+            log.warning("Ray actors %s still closing their engines after %.0f s", open_pids, timeout_s)
+            return
+        time.sleep(0.2)
 
 
 def _ray_stream(spec: JobSpec, pending: list[str], chunk_size: int, actors: int) -> Iterator[list[str]]:
-    """The same chunks through Ray Data: ``map_batches`` over ``actors`` engine-owning actors, in order."""
+    """The same chunks through Ray Data: ``map_batches`` over ``actors`` engine-owning actors, in order.
+
+    One block per chunk, so each Ray task is one chunk, and no prefetch: a chunk reaches the checkpoint as
+    soon as it is done. Before it returns, the engines of actors
+    on this machine are closed: Ray Data releases its actors without waiting, and a Ray shut down
+    meanwhile (the driver's exit) leaves their engine processes running, orphaned.
+    """
     if not pending:
         return
     try:
+        import pandas as pd
         import ray
     except ImportError as e:
         raise RuntimeError("the Ray path needs the ray extra: pip install -e '.[ray]'") from e
     ray_settings = RaySettings()
-    if not ray.is_initialized():
-        ray.init(address=ray_settings.address, include_dashboard=False, log_to_driver=False)
+    start_ray(ray_settings)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the checkpoint is in input order
-    ds = ray.data.from_items([{"payload": p} for p in pending]).map_batches(
-        ChunkWorker,
-        fn_constructor_kwargs={"spec": spec},
-        batch_size=chunk_size,
-        batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=ray_settings.actor_cpus,
-    )
-    for batch in ds.iter_batches(batch_size=chunk_size, batch_format="pandas"):
-        yield [str(x) for x in batch["line"]]
+    with tempfile.TemporaryDirectory(prefix="dpo4rec-actors-") as marks:
+        ds = ray.data.from_pandas([pd.DataFrame({"payload": chunk}) for chunk in _chunks(pending, chunk_size)])
+        ds = ds.map_batches(
+            ChunkWorker,
+            fn_constructor_kwargs={"spec": spec, "open_marks": marks},
+            batch_size=chunk_size,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=ray_settings.actor_cpus,
+            runtime_env={"env_vars": actor_env(ray_settings)},
+        )
+        try:
+            # no prefetch: with Ray Data's default (1) each chunk reaches the checkpoint only once the next is done
+            for batch in ds.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=0):
+                yield [str(x) for x in batch["line"]]
+        finally:
+            del ds  # the actors go once nothing holds the dataset
+            _wait_closed(Path(marks))
 
 
 # ---- the rerank job ---------------------------------------------------------------------------------

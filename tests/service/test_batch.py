@@ -6,7 +6,8 @@
 - ``preferences``: a job interrupted after its first chunk, then resumed: the refreshed users get new
   texts whose vectors are their encodings, everyone else keeps theirs, Redis holds the new ones, the
   run directory still verifies.
-- Ray Data path = the local path on the same requests.
+- Ray Data path = the local path on the same requests; a Ray the job starts runs its actors at the job's
+  niceness, and the driver waits for actors here to close their engines.
 """
 
 from __future__ import annotations
@@ -214,3 +215,48 @@ def test_ray_path_equals_local_path(tmp_path: Path, tiny_run_dir: Path, killed_a
         ys = {r["item_id"]: r["relevance_score"] for r in y["response"]["results"]}
         assert xs.keys() == ys.keys()
         np.testing.assert_allclose([xs[k] for k in xs], [ys[k] for k in xs], atol=1e-4)
+
+
+def test_local_ray_workers_run_at_the_jobs_niceness(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray starts its workers at niceness 15 (below the driver, Ray's daemons and everything else here); a
+    Ray the job starts runs them, and so the engines they start, at ``worker_niceness``; actors get threads."""
+    import ray
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert not ray.is_initialized()
+    settings = batch.RaySettings(worker_niceness=0)
+    try:
+        assert batch.start_ray(settings)
+        assert not batch.start_ray(settings)  # Ray is up: nothing to start
+
+        @ray.remote(num_cpus=1)
+        def niceness() -> int:
+            return os.getpriority(os.PRIO_PROCESS, 0)
+
+        assert ray.get(niceness.remote()) == 0
+    finally:
+        ray.shutdown()
+    assert batch.actor_env(batch.RaySettings()) == {"OMP_NUM_THREADS": "2"}  # the driver's, not Ray's 1
+    assert batch.actor_env(batch.RaySettings(actor_threads=3)) == {"OMP_NUM_THREADS": "3"}
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert batch.actor_env(batch.RaySettings(actor_cpus=1.5)) == {"OMP_NUM_THREADS": "2"}
+
+
+def test_the_driver_waits_for_local_actors_to_close_their_engines(tmp_path: Path) -> None:
+    """A mark per open engine: a live process's is waited for (up to the timeout), a dead one's dropped."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / str(dead.pid)).touch()
+        (tmp_path / str(alive.pid)).touch()
+        began = time.monotonic()
+        batch._wait_closed(tmp_path, timeout_s=1.0)
+        assert time.monotonic() - began >= 1.0  # the live one was waited for
+        assert sorted(p.name for p in tmp_path.iterdir()) == [str(alive.pid)]
+        (tmp_path / str(alive.pid)).unlink()  # its engine closed
+        batch._wait_closed(tmp_path, timeout_s=30.0)
+    finally:
+        alive.kill()
+        alive.wait()
