@@ -105,6 +105,28 @@ def prompts(run: Path, n: int, k: int) -> tuple[list[list[int]], list[int]]:
     return out, [i for _, i in labels]
 
 
+SERVER_HISTOGRAMS = {
+    "e2e": "vllm:e2e_request_latency_seconds",
+    "queue": "vllm:request_queue_time_seconds",
+    "prefill": "vllm:request_prefill_time_seconds",
+    "inference": "vllm:request_inference_time_seconds",
+}
+
+
+def server_seconds(url: str) -> dict[str, float]:
+    """Sums of the server's request-time histograms (seconds) and its request count, from ``/metrics``."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {key: 0.0 for key in SERVER_HISTOGRAMS} | {"e2e_count": 0.0}
+    for line in text.splitlines():
+        for key, name in SERVER_HISTOGRAMS.items():
+            if line.startswith(name + "_sum"):
+                out[key] += float(line.rsplit(" ", 1)[1])
+        if line.startswith(SERVER_HISTOGRAMS["e2e"] + "_count"):
+            out["e2e_count"] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
 async def one_request(run: Path, weight: float, url: str, n: int, k: int) -> dict[str, Any]:
     from llm.engine import ascore_labels, async_engine
     from llm.remote import RemoteEngine
@@ -120,9 +142,12 @@ async def one_request(run: Path, weight: float, url: str, n: int, k: int) -> dic
     times: dict[str, list[float]] = {"in_process": [], "remote": []}
     remote = RemoteEngine(url, served_name(settings, spec, read_manifest(run), "rerank"))
     await remote.open()
+    server: dict[str, float] = {}
     async with async_engine(cfg) as local:
         engines = {"in_process": local, "remote": remote}
         for i, ids in enumerate(token_ids):
+            if i == 2:
+                server = server_seconds(url)
             order = ["in_process", "remote"] if i % 2 == 0 else ["remote", "in_process"]
             for name in order:
                 start = time.perf_counter()
@@ -130,15 +155,22 @@ async def one_request(run: Path, weight: float, url: str, n: int, k: int) -> dic
                 if i >= 2:  # the first two prompts warm both paths up
                     times[name].append(1000 * (time.perf_counter() - start))
     await remote.aclose()
+    after = server_seconds(url)
     out: dict[str, Any] = {"prompts": n, "candidates": k, "prompt_tokens_mean": statistics.mean(map(len, token_ids))}
     for name, values in times.items():
         out[name] = {"p50_ms": statistics.median(values), "mean_ms": statistics.mean(values), "min_ms": min(values)}
+    # where the hop goes: the server's own view of its requests (vLLM's histograms), mean per request
+    count = after["e2e_count"] - server["e2e_count"]
+    out["server_side_mean_ms"] = {
+        key: 1000 * (after[key] - server[key]) / max(count, 1) for key in ("e2e", "queue", "prefill", "inference")
+    }
     out["hop_p50"] = out["remote"]["p50_ms"] / out["in_process"]["p50_ms"] - 1
     out["hop_mean"] = out["remote"]["mean_ms"] / out["in_process"]["mean_ms"] - 1
     out["hop_p50_ms"] = out["remote"]["p50_ms"] - out["in_process"]["p50_ms"]
     print(
         f"[one request] in-process p50 {out['in_process']['p50_ms']:.1f} ms, "
-        f"remote p50 {out['remote']['p50_ms']:.1f} ms: hop {100 * out['hop_p50']:+.1f} % ({out['hop_p50_ms']:+.1f} ms)",
+        f"remote p50 {out['remote']['p50_ms']:.1f} ms: hop {100 * out['hop_p50']:+.1f} % ({out['hop_p50_ms']:+.1f} ms);"
+        f" the server's own mean e2e {out['server_side_mean_ms']['e2e']:.1f} ms",
         flush=True,
     )
     return out
