@@ -8,8 +8,9 @@ For each ``--steps`` value (``DPO4REC_MAX_NUM_BATCHED_TOKENS``: prompt tokens pe
 vLLM's default, 2048 on a CPU) it starts the service's re-rank engine (``service.engines.engine_config``
 and ``served_jobs``, the run's weights, fusion weight forced to 1), then scores re-rank prompts at each
 ``--concurrency`` in a closed loop of ``--seconds``, like the service benchmark's bare levels. The prompts
-are the service's (``llm.prompts``): a user of the run, their preference text and recent items, and ten
-random catalog items, all distinct, so the prefix cache helps only with the shared instructions. Prints
+are the service's (its builder, ``llm.rerank_prompts``): a user of the run, their preference text (or the
+history stand-in, cut) and recent items, and ten random catalog items, one prompt per candidate order of the
+run's scoring, so the prefix cache helps only with the shared instructions and a list's own orders. Prints
 one JSON line per level (prompts/s, latency, CPU seconds of the engine's processes) and writes them all
 to ``--out``. Other environment (``GOMP_SPINCOUNT``, ...) reaches the engine's processes as it is.
 """
@@ -35,28 +36,40 @@ def parse_steps(text: str) -> list[int | None]:
     return [None if x.strip() == "null" else int(x) for x in text.split(",") if x.strip()]
 
 
-def prompts(run: Path, tokenizer: Any, spec: Any, n: int, seed: int) -> tuple[list[str], list[int]]:
-    """``n`` distinct re-rank prompts of ten candidates, and the label token ids."""
+def prompts(
+    run: Path, tokenizer: Any, spec: Any, settings: Any, n: int, seed: int
+) -> tuple[list[list[int]], list[int]]:
+    """``n`` distinct re-rank prompts (token ids) of ten candidates, and the label token ids: built by the
+    service's builder (``llm.rerank_prompts``, as ``LanguageModel.rerank_prompts``), one per candidate order of
+    the run's scoring; a user without a precomputed preference gets the service's history stand-in, cut."""
     from llm.labels import candidate_labels
-    from llm.prompts import render, rerank_messages
+    from llm.prompts import history_text
+    from llm.rerank_prompts import RerankPromptBuilder
     from rundir.items import prompt_items
     from rundir.preferences import load_preferences
     from rundir.reader import read_catalog, read_users
+    from service.engines import served_scoring
 
     catalog, users = read_catalog(run), read_users(run)
     texts, _ = load_preferences(run)
-    labels = candidate_labels(tokenizer, 10)
+    builder = RerankPromptBuilder(tokenizer, spec.prompt, candidate_labels(tokenizer, 10))
+    permutations = served_scoring(settings, spec).permutations
     cfg = spec.prompt
     rng = random.Random(seed)
 
-    out = []
-    for _ in range(n):
+    out: list[list[int]] = []
+    while len(out) < n:
         user = rng.choice(list(users))
-        recent = prompt_items(catalog, users[user][-cfg.max_recent :]) if cfg.max_recent else []
+        history = prompt_items(catalog, users[user])
+        recent = history[-cfg.max_recent :] if cfg.max_recent else []
         candidates = prompt_items(catalog, rng.sample(range(1, len(catalog)), 10))
-        messages = rerank_messages(texts.get(user, ""), recent, candidates, [t for t, _ in labels], cfg)
-        out.append(render(tokenizer, messages))
-    return out, [i for _, i in labels]
+        if user in texts:
+            prepared = builder.build(texts[user], recent, candidates, permutations)
+        else:  # a miss: the service answers with the history stand-in, cut in the prompt
+            stand_in = history_text(history, cfg)
+            prepared = builder.build(stand_in, recent, candidates, permutations, settings.stand_in_prompt_chars)
+        out += prepared.token_ids
+    return out[:n], [i for _, i in builder.labels]  # the ten labels, position order
 
 
 async def one_engine(run: Path, steps: int | None, levels: list[int], seconds: float, n: int) -> list[dict[str, Any]]:
@@ -70,7 +83,7 @@ async def one_engine(run: Path, steps: int | None, levels: list[int], seconds: f
     settings = Settings(run_dir=run, fusion_weight=1.0, max_num_batched_tokens=steps)  # type: ignore[call-arg]
     spec = load_llm_spec(run, [])
     model_dir = model_folder(settings, spec)
-    texts, label_ids = prompts(run, AutoTokenizer.from_pretrained(str(model_dir)), spec, n, seed=0)
+    texts, label_ids = prompts(run, AutoTokenizer.from_pretrained(str(model_dir)), spec, settings, n, seed=0)
     weights = served_jobs(settings, spec, model_dir)["rerank"]
     cfg = engine_config(settings, spec, weights.model, weights.lora is not None)
     lora = make_lora("rerank", weights.lora, 1) if weights.lora is not None else None

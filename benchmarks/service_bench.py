@@ -318,32 +318,39 @@ def _worker_cores(cpu_s: dict[str, float], wall: float) -> float | None:
 
 @dataclass
 class Job:
-    """One re-rank prompt as the service built it, and the service's label probabilities for it."""
+    """One re-rank as the service built it (its prompts, one per candidate order), and the service's label
+    probabilities for it."""
 
     user_id: str
-    prompt: str
+    prompts: list[list[int]]  # token ids, one prompt per candidate order, as the service sends them
+    orders: list[int]  # the cyclic shift of each (llm.scoring.shifts)
     label_ids: list[int]
     service_probs: list[float] | None  # None when the service's answer was not LLM-scored
     service_ms: float  # end-to-end latency of the request
     service_rerank_ms: float
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # all its prompts together
 
 
 class PromptBuilder:
-    """Rebuilds a response's re-rank prompt with ``llm.prompts`` and ``llm.labels``, as ``service.language_model``."""
+    """Rebuilds a response's re-rank prompts with the service's own builder (``llm.rerank_prompts``, which
+    ``LanguageModel.rerank_prompts`` calls): the run's candidate orders, and a miss's stand-in cut."""
 
     def __init__(self, run: Path, settings: Any, spec: Any, model_dir: Path):
         from transformers import AutoTokenizer
 
         from llm.labels import candidate_labels
+        from llm.rerank_prompts import RerankPromptBuilder
         from rundir.reader import read_catalog, read_users
+        from service.engines import rerank_k, served_scoring
 
         self.catalog = read_catalog(run)
         self.users = read_users(run)
         self.spec = spec
-        self.k = settings.rerank_k or spec.rerank_k
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.labels = candidate_labels(self.tokenizer, self.k)
+        self.scoring = served_scoring(settings, spec)  # with --fusion-weight, as the service scores
+        self.k = rerank_k(settings, spec)
+        self.cut = settings.stand_in_prompt_chars  # a miss's history stand-in, as the service cuts it
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.builder = RerankPromptBuilder(tokenizer, spec.prompt, candidate_labels(tokenizer, self.k))
 
     def _item(self, index: int) -> Any:
         from rundir.items import prompt_item
@@ -351,8 +358,6 @@ class PromptBuilder:
         return prompt_item(self.catalog[index])  # as the service's pipeline (no rating: none in a request)
 
     def job(self, sample: Sample) -> Job | None:
-        from llm.prompts import render, rerank_messages
-
         head = sorted((r for r in sample.results if r["index"] < self.k), key=lambda r: r["index"])
         if len(head) < 2 or [r["index"] for r in head] != list(range(len(head))):
             return None  # top_n did not cover the re-ranked head
@@ -363,22 +368,31 @@ class PromptBuilder:
             history = self.users[sample.user_id]
         recent = [self._item(i) for i in history[-cfg.max_recent :]] if cfg.max_recent else []
         candidates = [self._item(self.catalog.index_of(r["item_id"])) for r in head]
-        labels = self.labels[: len(head)]
-        messages = rerank_messages(sample.preference or "", recent, candidates, [t for t, _ in labels], cfg)
-        prompt = render(self.tokenizer, messages)
-        # the service's relevance_score is the label probability only for runs scored by the raw LLM order;
-        # with a label prior or a fusion weight (llm.json "scoring") it is not, and the check is skipped
-        raw = self.spec.scoring.weight is None and self.spec.scoring.log_prior is None
+        cut = self.cut if sample.source == "history" else None
+        prepared = self.builder.build(sample.preference or "", recent, candidates, self.scoring.permutations, cut)
+        # the service's relevance_score is the probability of the LLM's (de-biased, order-averaged) label scores
+        # only when no slice fuses them with the retriever's; otherwise the check is skipped
+        raw = self.scoring.weight is None and not self.scoring.slice_weights
         scored = raw and not any(reason.startswith("llm_") for reason in sample.degraded)
         return Job(
             user_id=sample.user_id,
-            prompt=prompt,
-            label_ids=[i for _, i in labels],
+            prompts=prepared.token_ids,
+            orders=prepared.orders,
+            label_ids=prepared.label_ids,
             service_probs=[float(r["relevance_score"]) for r in head] if scored else None,
             service_ms=sample.latency_ms,
             service_rerank_ms=sample.timings_ms.get("rerank", float("nan")),
-            prompt_tokens=len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+            prompt_tokens=prepared.total_tokens,
         )
+
+
+async def _score_job(engine: Any, job: Job, lora: Any, tag: str) -> list[Any]:
+    """The label log-probs (K,) of each of the job's prompts, sent at once as the service sends them."""
+    from llm.engine import ascore_labels
+
+    return await asyncio.gather(
+        *(ascore_labels(engine, ids, job.label_ids, f"{tag}-{uuid.uuid4().hex[:8]}", lora) for ids in job.prompts)
+    )
 
 
 async def bare_engine(
@@ -390,14 +404,16 @@ async def bare_engine(
     concurrency: list[int],
     budget_s: float,
     seconds: float,
+    scoring: Any,
 ) -> dict[str, Any]:
     """``ascore_labels`` for the same prompts on the service's re-rank engine (``service.runtime``'s config and
     weights): first ``single`` one at a time (for at most ``budget_s``), then ``batch`` split over the
-    ``concurrency`` levels, each a closed loop of ``seconds``."""
+    ``concurrency`` levels, each a closed loop of ``seconds``. A job is one re-rank: its prompts (one per
+    candidate order) at once, and ``scoring`` (the service's) turns their label scores into probabilities."""
     import numpy as np
 
-    from llm.engine import ascore_labels, async_engine, make_lora
-    from service.language_model import label_probabilities
+    from llm.engine import async_engine, make_lora
+    from llm.scoring import item_logprobs, label_probabilities
 
     lora = make_lora("rerank", weights.lora, lora_id=1) if weights.lora is not None else None
 
@@ -405,7 +421,7 @@ async def bare_engine(
     async with async_engine(engine_cfg) as engine:  # the service's warm-up, too
         start_s = time.perf_counter() - started
         for job in warm:  # the warm-up requests the service's engine saw before its concurrency-1 level
-            await ascore_labels(engine, job.prompt, job.label_ids, f"bench-warm-{uuid.uuid4().hex[:8]}", lora)
+            await _score_job(engine, job, lora, "bench-warm")
         single_ms: list[float] = []
         diffs: list[float] = []
         same_order = 0
@@ -414,10 +430,11 @@ async def bare_engine(
             if time.perf_counter() - t0 > budget_s:
                 break
             begin = time.perf_counter()
-            logprobs = await ascore_labels(engine, job.prompt, job.label_ids, f"bench-{uuid.uuid4().hex[:8]}", lora)
+            per_order = await _score_job(engine, job, lora, "bench")
             single_ms.append((time.perf_counter() - begin) * 1000)
-            if job.service_probs is not None:
-                probs = label_probabilities(np.asarray(logprobs, dtype=np.float64))
+            if job.service_probs is not None:  # as LanguageModel.score and the LLM stage compute them
+                logprobs = [np.asarray(x, dtype=np.float64) for x in per_order]
+                probs = label_probabilities(item_logprobs(logprobs, job.orders, scoring))
                 diffs.append(float(np.max(np.abs(probs - np.asarray(job.service_probs)))))
                 same_order += int(np.argmax(probs) == int(np.argmax(job.service_probs)))
 
@@ -446,8 +463,6 @@ async def bare_engine(
 async def _bare_level(engine: Any, jobs: list[Job], concurrency: int, lora: Any, seconds: float) -> dict[str, Any]:
     """``jobs`` on the bare engine in a closed loop of ``concurrency`` workers (as the service's levels): no new
     prompt starts after ``seconds``, and the rate counts every prompt finished over the whole wall time."""
-    from llm.engine import ascore_labels
-
     done: list[tuple[float, int]] = []
     pending = iter(jobs)
     cpu_before = tree_cpu(os.getpid())
@@ -458,7 +473,7 @@ async def _bare_level(engine: Any, jobs: list[Job], concurrency: int, lora: Any,
             if time.perf_counter() - t1 > seconds:
                 return
             begin = time.perf_counter()
-            await ascore_labels(engine, job.prompt, job.label_ids, f"bench-b-{uuid.uuid4().hex[:8]}", lora)
+            await _score_job(engine, job, lora, "bench-b")
             done.append(((time.perf_counter() - begin) * 1000, job.prompt_tokens))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -737,7 +752,7 @@ def print_table(report: dict[str, Any]) -> None:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from rundir.manifest import RunDirError
     from rundir.reader import load_llm_spec, read_version
-    from service.engines import engine_config, model_folder, served_jobs
+    from service.engines import engine_config, model_folder, rerank_k, served_jobs
     from service.settings import Settings
 
     run = args.run.resolve()
@@ -747,7 +762,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(str(e)) from None
     settings = Settings(run_dir=run)  # type: ignore[call-arg]  (reads the same DPO4REC_* as the service)
     spec = load_llm_spec(run, [])
-    k = settings.rerank_k or spec.rerank_k
+    k = rerank_k(settings, spec)
     report: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -797,6 +812,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         args.bare_concurrency,
         args.level_timeout_s,
         args.level_seconds,
+        builder.scoring,
     )
     report["load"].append(load_now("bare engine done"))
     report["bare_engine"] = bare

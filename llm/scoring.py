@@ -20,6 +20,8 @@ One module both sides call, so the service scores exactly the way training measu
   (``training.cold_start``): ``warm`` users, lists holding ``new_items`` (``new_items_shelf``: only new
   ones), ``new_users_{k}`` with at most k items. The service classifies each request and calls the
   engine only where its slice's weight is above 0; a slice without a weight of its own takes ``weight``.
+- **Served probabilities**: the fused scores of the K candidates through a softmax (``label_probabilities``):
+  the ``relevance_score`` of the re-ranked head (``service.ranking``).
 """
 
 from __future__ import annotations
@@ -151,6 +153,15 @@ def fused_scores(retriever: np.ndarray | None, llm: np.ndarray, weight: float | 
     if r.shape != np.shape(llm):
         raise ValueError(f"retriever scores {r.shape} and LLM scores {np.shape(llm)} differ in shape")
     return zscore(r) + weight * zscore(llm)
+
+
+def label_probabilities(scores: np.ndarray) -> np.ndarray:
+    """Scores over the K labels (log-probabilities, or fused scores) -> probabilities summing to 1 (a softmax,
+    renormalised for rounding; -inf -> 0). Raises ``ValueError`` when no score is finite."""
+    if scores.size == 0 or not np.isfinite(scores).any():
+        raise ValueError("no finite label score")
+    shifted = np.exp(scores - np.max(scores[np.isfinite(scores)]))  # -inf -> 0
+    return shifted / shifted.sum()
 
 
 def order(scores: np.ndarray) -> np.ndarray:

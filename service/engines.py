@@ -53,6 +53,15 @@ def served_scoring(settings: Settings, spec: LLMSpec) -> ScoringSpec:
     return replace(spec.scoring, weight=settings.fusion_weight, slice_weights=None)  # one weight for every slice
 
 
+def rerank_k(settings: Settings, spec: LLMSpec) -> int:
+    """The most candidates one re-rank scores: the settings' ``rerank_k``, else the run's (``llm.json``), never more
+    than the run's label prior covers (the labels it measured). The labels prepared at start, the engine's
+    ``max_logprobs`` and the pipeline's head all read it here."""
+    k = settings.rerank_k or spec.rerank_k
+    prior = spec.scoring.log_prior
+    return k if prior is None else min(k, len(prior))
+
+
 def llm_jobs(settings: Settings, spec: LLMSpec) -> list[str]:
     """The LLM jobs the service runs: re-rank only when the scoring calls the LLM."""
     return ["preference"] + (["rerank"] if served_scoring(settings, spec).uses_llm else [])
@@ -81,7 +90,7 @@ def engine_config(settings: Settings, spec: LLMSpec, model: Path, lora: bool) ->
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=resolve_step_tokens(settings.max_num_batched_tokens),
-        max_logprobs=max(64, settings.rerank_k or spec.rerank_k),
+        max_logprobs=max(64, rerank_k(settings, spec)),
         enable_lora=lora,
         kv_cache_gib=settings.kv_cache_gib,
         dtype=resolve_dtype(settings.llm_dtype),

@@ -15,7 +15,6 @@ which swaps the new one in (``replace_engine``); until then a call on it fails a
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import uuid
 from contextlib import AbstractContextManager, nullcontext
@@ -27,8 +26,9 @@ import numpy as np
 
 from llm.engine import GenerationConfig, agenerate, ascore_labels, engine_alive, is_engine_dead, make_lora
 from llm.labels import Label, candidate_labels
-from llm.prompts import HistoryItem, PromptConfig, preference_messages, render, rerank_messages
-from llm.scoring import ScoringSpec, item_logprobs, rotate, shifts
+from llm.prompts import HistoryItem, PromptConfig, preference_messages, render
+from llm.rerank_prompts import RerankPromptBuilder, RerankPrompts
+from llm.scoring import ScoringSpec, item_logprobs
 from service.admission import Admission, Late, Ticket
 from service.telemetry import ServiceMetrics
 
@@ -56,22 +56,6 @@ class LLMJobConfig:
     loras: dict[str, Path | None]  # job -> LoRA folder applied per request (None: the engine's own weights)
 
 
-@dataclass(frozen=True)
-class RerankPrompts:
-    prompts: list[str]  # one per candidate order
-    orders: list[int]  # the cyclic shift of each (llm.scoring.shifts)
-    label_ids: list[int]  # label token ids, position order
-    token_ids: list[list[int]]  # each prompt tokenized once: admission counts them, the engine is given them
-
-    @property
-    def tokens(self) -> list[int]:
-        return [len(ids) for ids in self.token_ids]
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.tokens)
-
-
 class LanguageModel:
     """Preference generation and label scoring on the jobs' ``AsyncLLM`` engines (owned by ``service.runtime``)."""
 
@@ -90,6 +74,7 @@ class LanguageModel:
         self.cfg = cfg
         self.metrics = metrics
         self.labels: list[Label] = candidate_labels(tokenizer, cfg.rerank_k)
+        self.prompts = RerankPromptBuilder(tokenizer, cfg.prompt, self.labels)  # what benchmarks replay too
         # what the engine has admitted and how fast it goes (prompt tokens/s; measure_rate seeds it)
         self.admission = admission or Admission(rate=200.0)
         metrics.watch_admission(lambda: self.admission.pending, lambda: self.admission.rate)
@@ -178,7 +163,7 @@ class LanguageModel:
 
     def token_ids(self, prompt: str) -> list[int]:
         """The prompt's tokens as the engine would make them (the rendered template holds its own BOS)."""
-        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return self.prompts.token_ids(prompt)
 
     async def measure_rate(self, prompt_tokens: int = 256, runs: int = 2, batch: int = 4) -> float:
         """Prompt tokens/s of the scoring engine on ``batch`` distinct prompts at once (no prefix-cache hits);
@@ -230,21 +215,13 @@ class LanguageModel:
         scoring: ScoringSpec,
         preference_chars: int | None = None,
     ) -> RerankPrompts:
-        """The prompts one re-rank sends: one per candidate order (``scoring.permutations``), with their tokens.
-        ``preference_chars``: cut the preference shorter than the run's ``max_preference_chars`` (a stand-in)."""
-        labels = self.labels[: len(candidates)]
-        if len(labels) < len(candidates):
-            raise LLMError(f"only {len(self.labels)} labels prepared for {len(candidates)} candidates")
-        texts = [text for text, _ in labels]
-        orders = shifts(len(candidates), min(scoring.permutations, len(candidates)))
-        cfg = self.cfg.prompt
-        if preference_chars is not None and preference_chars < cfg.max_preference_chars:
-            cfg = dataclasses.replace(cfg, max_preference_chars=preference_chars)
-        prompts = [
-            render(self.tokenizer, rerank_messages(preference, recent, rotate(candidates, s), texts, cfg))
-            for s in orders
-        ]
-        return RerankPrompts(prompts, orders, [i for _, i in labels], [self.token_ids(p) for p in prompts])
+        """The prompts one re-rank sends: one per candidate order (``scoring.permutations``), with their tokens
+        (``llm.rerank_prompts``). ``preference_chars``: cut the preference shorter than the run's
+        ``max_preference_chars`` (a stand-in)."""
+        try:
+            return self.prompts.build(preference, recent, candidates, scoring.permutations, preference_chars)
+        except ValueError as e:  # more candidates than labels: degrade, never a 500
+            raise LLMError(str(e)) from e
 
     def least_tokens(self, k: int, scoring: ScoringSpec) -> int:
         """A lower bound on the prompt tokens of one re-rank of ``k`` candidates: the prompts with no preference
@@ -293,11 +270,3 @@ class LanguageModel:
 def _engine_request_id(request_id: str | None, job: str) -> str:
     """Unique per engine call (clients may reuse X-Request-ID) yet traceable to the HTTP request."""
     return f"{request_id or 'internal'}-{job}-{uuid.uuid4().hex[:8]}"
-
-
-def label_probabilities(logprobs: np.ndarray) -> np.ndarray:
-    """Log-probabilities over the labels -> probabilities summing to 1 (renormalised for rounding)."""
-    if logprobs.size == 0 or not np.isfinite(logprobs).any():
-        raise LLMError("the engine returned no finite label log-probabilities")
-    shifted = np.exp(logprobs - np.max(logprobs[np.isfinite(logprobs)]))  # -inf -> 0
-    return shifted / shifted.sum()

@@ -10,7 +10,8 @@
 4. re-rank: the first K (``rerank_k``) candidates scored by the LLM in one forward pass (per candidate
    order, ``llm.json`` "scoring"), the run's label prior removed, fused with the retriever's scores at
    the weight the run chose on validation users (``llm.scoring``); at weight 0 the engine is not
-   called. The rest keep their order below (scores: ``service.ranking``).
+   called. The rest keep their order below (scores: ``service.ranking``). ``service.llm_stage`` owns this step:
+   its budget, admission, prompts, scoring and fusion, and the reason when it did not score.
 
 Deadline: the request's ``deadline_ms`` (capped by the service default) bounds the LLM re-rank; no
 request waits for a preference generation (a miss is answered with the history stand-in). A stage out
@@ -25,22 +26,23 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
 
 from llm.prompts import HistoryItem
-from llm.scoring import ScoringSpec, fused_scores
+from llm.scoring import ScoringSpec
 from retrieval.catalog import Item
 from retrieval.content import text_vectors
 from rundir.items import prompt_item
 from rundir.reader import Artifacts
-from service.admission import Late
 from service.batching import Coalescer
+from service.engines import rerank_k
 from service.errors import DuplicateItemsError, TooManyItemsError, UnknownItemsError, UnknownUserError
-from service.language_model import LanguageModel, LLMError, label_probabilities
+from service.language_model import LanguageModel
+from service.llm_stage import LLMStage
 from service.preferences import PreferenceService
 from service.protocol import (
     CandidateItem,
@@ -69,8 +71,10 @@ class _Clock:
     timings_ms: dict[str, float] = field(default_factory=dict)
     prompt_tokens: int | None = None  # what the LLM scored, once it has
 
-    def remaining(self) -> float:
-        return self.deadline_s - (time.perf_counter() - self.start)
+    @property
+    def deadline(self) -> float:
+        """When the request's deadline passes, in ``time.perf_counter()`` seconds."""
+        return self.start + self.deadline_s
 
     @contextmanager
     def stage(self, name: str, metrics: ServiceMetrics) -> Iterator[None]:
@@ -106,7 +110,9 @@ class RerankPipeline:
         self.preferences = preferences
         self.llm = llm
         self.metrics = metrics
-        self.rerank_k = min(settings.rerank_k or artifacts.llm.rerank_k, llm.cfg.rerank_k if llm else 10**9)
+        # the head the LLM scores: the run's resolved K, within the labels the engine's LanguageModel prepared
+        self.rerank_k = min(rerank_k(settings, artifacts.llm), llm.cfg.rerank_k if llm else 10**9)
+        self.llm_stage = LLMStage(llm, settings, metrics)
         self.pref_dim = artifacts.retriever.cfg.pref_dim
         self.item_vectors = artifacts.retriever.item_vectors()  # (N+1, H): given candidates' retriever scores
         batch = metrics.retriever_batch_size.observe
@@ -120,8 +126,6 @@ class RerankPipeline:
         # weight 0: the LLM did not help on validation, and it is never called
         self.scoring = scoring or artifacts.llm.scoring
         self.content = artifacts.content  # new items' text -> item vectors (None: a run without a tower)
-        if self.scoring.log_prior is not None:  # the prior covers the labels the run measured, no more
-            self.rerank_k = min(self.rerank_k, len(self.scoring.log_prior))
 
     # ---- validation ---------------------------------------------------------------------------------
 
@@ -239,70 +243,6 @@ class RerankPipeline:
         assert self.content is not None
         return text_vectors(self.content, self.preferences.encoder, [Item("", title, genres, year)])[0]  # (H,)
 
-    async def _rerank(
-        self,
-        preference: str,
-        history: list[int],
-        candidates: list[Candidate],
-        retriever_scores: np.ndarray | None,
-        clock: _Clock,
-        request_id: str,
-        degraded: set[str],
-        scoring: ScoringSpec,
-        stand_in: bool = False,
-    ) -> np.ndarray | None:
-        """Probabilities (K,) of the first K candidates under the fused score of the request's slice (``scoring``),
-        or None (incoming order). ``stand_in``: ``preference`` is a miss's history stand-in, cut to
-        ``stand_in_prompt_chars``."""
-        if self.llm is None:
-            degraded.add("llm_disabled")
-            return None
-        if not scoring.uses_llm:
-            return None  # weight 0 on this slice: the retriever's order is the fused order, no engine call
-        head = candidates[: self.rerank_k]
-        if len(head) < 2:
-            return None  # one candidate: nothing to re-rank
-        early = self._llm_budget(clock)
-        if self.settings.admission and self.settings.admission_early and early > 0:
-            least = self.llm.least_tokens(len(head), scoring)
-            if not self.llm.admission.admits(least, early):
-                degraded.add("llm_shed")  # even the shortest prompts of this shape would be late: none built
-                return None
-        recent = self._items(history[-self.llm.cfg.prompt.max_recent :]) if self.llm.cfg.prompt.max_recent else []
-        try:
-            cut = self.settings.stand_in_prompt_chars if stand_in else None
-            prepared = self.llm.rerank_prompts(preference, recent, [c.text for c in head], scoring, cut)
-        except LLMError as e:
-            log.warning("re-rank prompts failed: %s", e)
-            degraded.add("llm_unavailable")
-            return None
-        budget = self._llm_budget(clock)
-        if budget <= 0:
-            degraded.add("llm_timeout")
-            return None
-        ticket = self.llm.admission.admit(prepared.total_tokens, budget) if self.settings.admission else None
-        if self.settings.admission and ticket is None:
-            degraded.add("llm_shed")  # it would finish too late: the retriever answers now, no engine work queued
-            return None
-        try:
-            with ticket or nullcontext():
-                deadline = time.perf_counter() + budget
-                scored = self.llm.score(prepared, scoring, request_id, deadline, ticket)
-                llm = await asyncio.wait_for(scored, timeout=budget)
-        except (asyncio.TimeoutError, Late):  # out of time in the engine, or while waiting for it
-            degraded.add("llm_timeout")
-            if self.settings.admission:
-                self.llm.admission.missed()  # admitted yet late: the engine is slower than estimated
-            return None
-        except LLMError as e:
-            log.warning("re-rank scoring failed: %s", e)
-            degraded.add("llm_unavailable")
-            return None
-        clock.prompt_tokens = prepared.total_tokens
-        self.metrics.rerank_prompt_tokens.observe(prepared.total_tokens)
-        r = None if retriever_scores is None else retriever_scores[: len(head)]
-        return label_probabilities(fused_scores(r, llm, scoring.weight))
-
     def _slice(self, history: list[int], candidates: Sequence[Candidate]) -> tuple[Slice, ScoringSpec]:
         """The request's slice and its scoring (``llm.scoring`` slices): a list holding items the retriever never
         trained on (given by text, or added by ``dpo4rec items add``) first, then a short history, else warm."""
@@ -313,10 +253,6 @@ class RerankPipeline:
         elif len(history) <= NEW_USER_ITEMS[-1]:
             name = cast(Slice, f"new_users_{next(k for k in NEW_USER_ITEMS if len(history) <= k)}")
         return name, self.scoring.for_slice(name)
-
-    def _llm_budget(self, clock: _Clock) -> float:
-        """Seconds the LLM stage may take: what is left of the deadline, less the answer without it."""
-        return clock.remaining() - self.settings.fallback_reserve_ms / 1000
 
     # ---- the flow -----------------------------------------------------------------------------------
 
@@ -330,7 +266,8 @@ class RerankPipeline:
         degraded: set[str] = set()
 
         with clock.stage("preference", self.metrics):
-            resolved = await self.preferences.resolve(req.user_id, self._items(history), request_id=request_id)
+            history_items = self._items(history)  # oldest first, as the LLM reads them
+            resolved = await self.preferences.resolve(req.user_id, history_items, request_id=request_id)
             degraded |= resolved.degraded
         self.metrics.preference_source.labels(source=resolved.source).inc()
         vector = resolved.preference.vector if resolved.preference is not None else None
@@ -354,12 +291,16 @@ class RerankPipeline:
 
         with clock.stage("rerank", self.metrics):
             try:
+                head = [c.text for c in candidates[: self.rerank_k]]
                 stand_in = resolved.source == "history"
-                probabilities = await self._rerank(
-                    text, history, candidates, retriever_scores, clock, request_id, degraded, scoring, stand_in
+                stage = await self.llm_stage.run(
+                    text, history_items, head, retriever_scores, clock.deadline, request_id, scoring, stand_in
                 )
             finally:
                 resolved.release()  # a background generation this request caused may start now
+        if stage.flag is not None:
+            degraded.add(stage.flag)
+        probabilities, clock.prompt_tokens = stage.probabilities, stage.prompt_tokens
 
         order, scores = final_order(len(candidates), probabilities, retriever_scores)
         results = [

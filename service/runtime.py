@@ -36,6 +36,7 @@ from service.engines import (
     llm_jobs,
     model_folder,
     remote_targets,
+    rerank_k,
     restart_policy,
     served_jobs,
     served_scoring,
@@ -99,7 +100,7 @@ class EnginePool:
             if a is not None
         )
         rerank = served_scoring(self.settings, spec).uses_llm
-        return (model, adapters, rerank, spec.prompt, spec.preference_generation, spec.rerank_k)
+        return (model, adapters, rerank, spec.prompt, spec.preference_generation, rerank_k(self.settings, spec))
 
     async def acquire(self, artifacts: Artifacts) -> tuple[LanguageModel, EngineSupervisor, tuple[object, ...]]:
         key = self.key(artifacts)
@@ -192,7 +193,7 @@ async def _start_llm(
     cfg = LLMJobConfig(
         prompt=spec.prompt,
         generation=generation,
-        rerank_k=settings.rerank_k or spec.rerank_k,
+        rerank_k=rerank_k(settings, spec),
         loras={job: w.lora for job, w in jobs.items()},
     )
     queue_s = None if settings.admission_queue_ms is None else settings.admission_queue_ms / 1000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.language_model import LLMError, label_probabilities
+from llm.scoring import label_probabilities
 from service.ranking import final_order
 
 
@@ -38,7 +38,7 @@ def test_label_probabilities_normalise_and_reject_empty_output():
     p = label_probabilities(np.log(np.array([0.2, 0.2, 0.4])))
     assert p.sum() == pytest.approx(1.0) and p[2] == pytest.approx(0.5)
     assert label_probabilities(np.array([0.0, -np.inf]))[1] == 0.0
-    with pytest.raises(LLMError):
+    with pytest.raises(ValueError):
         label_probabilities(np.array([-np.inf, -np.inf]))
 
 
