@@ -423,8 +423,8 @@ def _ray_stream(spec: JobSpec, pending: list[str], chunk_size: int, actors: int)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the checkpoint is in input order
     with tempfile.TemporaryDirectory(prefix="dpo4rec-actors-") as marks:
-        ds = ray.data.from_pandas([pd.DataFrame({"payload": chunk}) for chunk in _chunks(pending, chunk_size)])
-        ds = ds.map_batches(
+        blocks = ray.data.from_pandas([pd.DataFrame({"payload": chunk}) for chunk in _chunks(pending, chunk_size)])
+        ds = blocks.map_batches(
             ChunkWorker,
             fn_constructor_kwargs={"spec": spec, "open_marks": marks},
             batch_size=chunk_size,
@@ -438,7 +438,7 @@ def _ray_stream(spec: JobSpec, pending: list[str], chunk_size: int, actors: int)
             for batch in ds.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=0):
                 yield [str(x) for x in batch["line"]]
         finally:
-            del ds  # the actors go once nothing holds the dataset
+            del ds, blocks  # the actors go once nothing holds the dataset
             _wait_closed(Path(marks))
 
 
