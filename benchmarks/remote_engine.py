@@ -3,7 +3,9 @@ in-process one, on the same run, settings and prompts, in one run.
 
 1. **One request.** The same re-rank prompts (a fresh user per prompt, so every one is a prefix-cache miss on both
    engines) scored by an in-process ``AsyncLLM`` and by ``llm.remote.RemoteEngine``, one at a time, alternating
-   which goes first. Reported: p50 and mean latency of each, and the hop (remote / in-process - 1; aim <= 10 %).
+   which goes first, ``--gap-s`` apart: an engine's core busy-polls ~1 s after its last step, and back to back
+   the other engine's request ran beside that spin (p50 172 vs 401 ms in one such run, bimodal on both sides).
+   Reported: p50 and mean latency of each, and the hop (remote / in-process - 1; aim <= 10 %).
 2. **Goodput at the deadline, open loop.** The service started twice on the run with the LLM on
    (``DPO4REC_FUSION_WEIGHT``): in process, then with ``DPO4REC_ENGINE_URL`` (the server stopped with SIGSTOP while
    the in-process service runs, so it takes no CPU). ``benchmarks.open_loop`` sweeps the same Poisson arrival rates
@@ -127,7 +129,7 @@ def server_seconds(url: str) -> dict[str, float]:
     return out
 
 
-async def one_request(run: Path, weight: float, url: str, n: int, k: int) -> dict[str, Any]:
+async def one_request(run: Path, weight: float, url: str, n: int, k: int, gap_s: float) -> dict[str, Any]:
     from llm.engine import ascore_labels, async_engine
     from llm.remote import RemoteEngine
     from rundir.manifest import read_manifest
@@ -150,6 +152,9 @@ async def one_request(run: Path, weight: float, url: str, n: int, k: int) -> dic
                 server = server_seconds(url)
             order = ["in_process", "remote"] if i % 2 == 0 else ["remote", "in_process"]
             for name in order:
+                # the other engine's core polls for work ~1 s after its last step (vLLM's busy loop) on the same
+                # cores: wait it out, so each request runs on cores no other engine is spinning on
+                await asyncio.sleep(gap_s)
                 start = time.perf_counter()
                 await ascore_labels(engines[name], ids, label_ids, f"hop-{name}-{i}")
                 if i >= 2:  # the first two prompts warm both paths up
@@ -191,7 +196,11 @@ async def goodput(run: Path, weight: float, mode: str, url: str | None, args: ar
             url=server.base_url, duration_s=args.duration, slo_ms=args.deadline_ms, llm=True,
             timeout_s=args.deadline_ms / 1000 + 10, stop_factor=0, seed=args.seed,
         )  # fmt: skip
-        bodies = read_bodies(argparse.Namespace(user=[], users_from=run, seed=args.seed, top_n=10))
+        bodies = (
+            new_users(run, args.seed)
+            if args.new_users
+            else read_bodies(argparse.Namespace(user=[], users_from=run, seed=args.seed, top_n=10))
+        )
         for body in bodies:
             body["deadline_ms"] = args.deadline_ms
         load_before = load_now(f"{mode} sweep")
@@ -208,9 +217,26 @@ async def goodput(run: Path, weight: float, mode: str, url: str | None, args: ar
     }
 
 
+def new_users(run: Path, seed: int, n: int = 5000) -> list[dict[str, Any]]:
+    """Requests of users the run does not know, each with its own history: every re-rank prompt is new to the
+    prefix cache past the system prompt (the run's own users repeat within a level, and their prompts hit)."""
+    import random
+
+    from rundir.reader import read_catalog
+
+    ids = read_catalog(run).item_ids
+    rng = random.Random(seed)
+    return [
+        {"user_id": f"bench-{seed}-{i}", "history": rng.sample(ids, rng.randint(6, 12)), "top_n": 10} for i in range(n)
+    ]
+
+
 def _brief(level: dict[str, Any]) -> dict[str, Any]:
-    keys = ("rate", "sent", "achieved_rps", "goodput_rps", "p99_good_ms", "meets_slo", "latency_ms", "shares")
-    return {key: level.get(key) for key in keys}
+    keys = (
+        "rate", "sent", "achieved_rps", "goodput_rps", "p99_good_ms", "meets_slo", "latency_ms", "shed_share",
+        "llm_scored_share", "error_share", "http_429_share", "degraded", "statuses", "send_lag_ms",
+    )  # fmt: skip
+    return {key: level[key] for key in keys}
 
 
 def _level(mode: str, level: dict[str, Any]) -> None:
@@ -230,14 +256,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     try:
         result["load_start"] = load_now("start")
-        result["one_request"] = await one_request(args.run, args.weight, url, args.single, args.candidates)
+        result["one_request"] = await one_request(args.run, args.weight, url, args.single, args.candidates, args.gap_s)
         if args.rates:
+            if args.remote_first:  # the other order, to see any drift of the machine between the two sweeps
+                remote = await goodput(args.run, args.weight, "remote", url, args)
             os.killpg(engine.pid, signal.SIGSTOP)  # no CPU for the idle server while the in-process one is measured
             try:
                 local = await goodput(args.run, args.weight, "in_process", None, args)
             finally:
                 os.killpg(engine.pid, signal.SIGCONT)
-            remote = await goodput(args.run, args.weight, "remote", url, args)
+            if not args.remote_first:
+                remote = await goodput(args.run, args.weight, "remote", url, args)
             result["goodput"] = {
                 "in_process": local,
                 "remote": remote,
@@ -267,10 +296,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--run", type=Path, required=True, help="run directory (or root) to serve")
     p.add_argument("--weight", type=float, default=0.5, help="fusion weight: > 0 so every re-rank calls the LLM")
     p.add_argument("--single", type=int, default=30, help="prompts of the one-request comparison")
+    p.add_argument("--gap-s", type=float, default=1.5, help="pause before each single request (engines idle)")
     p.add_argument("--candidates", type=int, default=20, help="candidates per re-rank prompt")
     p.add_argument("--rates", type=lambda t: [float(x) for x in t.split(",") if x], default=[], help="req/s levels")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per level")
     p.add_argument("--deadline-ms", type=float, default=3000.0, help="request deadline = the goodput SLO")
+    p.add_argument("--remote-first", action="store_true", help="sweep the remote engine first")
+    p.add_argument("--new-users", action="store_true", help="each request a new user with its own history")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path("/tmp/dpo4rec-remote-engine"), help="logs")
     p.add_argument("--out", type=Path, help="JSON summary")

@@ -33,6 +33,7 @@ from service.engines import (
     JobWeights,
     adapter_files,
     base_model,
+    engines_share_cores,
     llm_jobs,
     model_folder,
     remote_targets,
@@ -296,8 +297,8 @@ async def open_version(
             # the API gives way only to a re-rank engine: at weight 0 the one engine writes background preferences
             # (itself at +preference_engine_nice), and a niced API then answered at half the rate (BENCHMARKS)
             reranks = served_scoring(settings, artifacts.llm).uses_llm
-            local = not settings.engine_urls()  # remote engines run on their own cores
-            if first_engines and settings.api_nice and reranks and local:  # not the engine starter thread
+            shared_cores = engines_share_cores(settings)
+            if first_engines and settings.api_nice and reranks and shared_cores:  # not the engine starter thread
                 lower_priority(settings.api_nice, keep={supervisor.starter_tid})
                 log.info("API process niceness +%d (the engine processes keep theirs)", settings.api_nice)
         preferences = PreferenceService(
