@@ -38,7 +38,7 @@ from typing import Any
 
 from benchmarks.open_loop import LoadConfig, read_bodies, sweep
 from benchmarks.service_bench import to_jsonable
-from benchmarks.support import ENV_DEFAULTS, HOST, Server, free_port, load_now, machine
+from benchmarks.support import ENV_DEFAULTS, HOST, Server, free_port, load_now, machine, tree_cpu
 
 for _key, _value in ENV_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
@@ -181,7 +181,9 @@ async def one_request(run: Path, weight: float, url: str, n: int, k: int, gap_s:
     return out
 
 
-async def goodput(run: Path, weight: float, mode: str, url: str | None, args: argparse.Namespace) -> dict[str, Any]:
+async def goodput(
+    run: Path, weight: float, mode: str, url: str | None, args: argparse.Namespace, engine_pid: int | None = None
+) -> dict[str, Any]:
     import httpx
 
     env = {**ENV_DEFAULTS, "DPO4REC_FUSION_WEIGHT": f"{weight:g}", "DPO4REC_RELOAD_POLL_S": "null"}
@@ -204,7 +206,15 @@ async def goodput(run: Path, weight: float, mode: str, url: str | None, args: ar
         for body in bodies:
             body["deadline_ms"] = args.deadline_ms
         load_before = load_now(f"{mode} sweep")
-        result = await sweep(cfg, args.rates, bodies, on_level=lambda level: _level(mode, level))
+        pid = server.proc.pid if server.proc else 0
+
+        def cpu() -> dict[str, float]:  # CPU seconds by tier: the service (with its engine in process), the server
+            out = {f"service:{name}": seconds for name, seconds in tree_cpu(pid).items()}
+            if engine_pid is not None:
+                out |= {f"server:{name}": seconds for name, seconds in tree_cpu(engine_pid).items()}
+            return out
+
+        result = await sweep(cfg, args.rates, bodies, cpu, on_level=lambda level: _level(mode, level))
         load_after = load_now(f"{mode} sweep done")
     finally:
         server.stop()
@@ -236,11 +246,25 @@ def _brief(level: dict[str, Any]) -> dict[str, Any]:
         "rate", "sent", "achieved_rps", "goodput_rps", "p99_good_ms", "meets_slo", "latency_ms", "shed_share",
         "llm_scored_share", "error_share", "http_429_share", "degraded", "statuses", "send_lag_ms",
     )  # fmt: skip
-    return {key: level[key] for key in keys}
+    out = {key: level[key] for key in keys}
+    cpu = level.get("other_cpu_s", {})
+    answers = max(1, level["sent"])
+    for tier in ("service", "server"):
+        total = sum(v for k, v in cpu.items() if k.startswith(tier + ":"))
+        if total:
+            out[f"{tier}_cpu_ms_per_request"] = 1000 * total / answers
+    out["cpu_s"] = cpu
+    return out
 
 
 def _level(mode: str, level: dict[str, Any]) -> None:
-    print(f"[{mode}] {level['rate']:g} req/s: goodput {level['goodput_rps']:.2f}/s", flush=True)
+    cpu = level.get("other_cpu_s", {})
+    by_tier = {t: sum(v for k, v in cpu.items() if k.startswith(t + ":")) for t in ("service", "server")}
+    print(
+        f"[{mode}] {level['rate']:g} req/s: goodput {level['goodput_rps']:.2f}/s, "
+        f"CPU s service {by_tier['service']:.1f} server {by_tier['server']:.1f}",
+        flush=True,
+    )
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -259,14 +283,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["one_request"] = await one_request(args.run, args.weight, url, args.single, args.candidates, args.gap_s)
         if args.rates:
             if args.remote_first:  # the other order, to see any drift of the machine between the two sweeps
-                remote = await goodput(args.run, args.weight, "remote", url, args)
+                remote = await goodput(args.run, args.weight, "remote", url, args, engine.pid)
             os.killpg(engine.pid, signal.SIGSTOP)  # no CPU for the idle server while the in-process one is measured
             try:
                 local = await goodput(args.run, args.weight, "in_process", None, args)
             finally:
                 os.killpg(engine.pid, signal.SIGCONT)
             if not args.remote_first:
-                remote = await goodput(args.run, args.weight, "remote", url, args)
+                remote = await goodput(args.run, args.weight, "remote", url, args, engine.pid)
             result["goodput"] = {
                 "in_process": local,
                 "remote": remote,

@@ -18,8 +18,11 @@ fallbacks are one code path for both engines.
   (``llm.engine.is_engine_dead`` counts it: the service answers flagged ``llm_unavailable``, as for a dead
   in-process engine); an HTTP error raises ``RemoteEngineError`` with the server's message. The client never
   restarts the server: the engine tier has its own probes.
-- **Which weights**: each engine is one served model name (``model``): the job's weights, named by their digest
-  (``service.engines``), so a server with other weights answers 404 instead of wrong scores.
+- **Which weights**: a call's weights are a served model name: the name of the ``LoRARequest`` it carries (how
+  vLLM's server itself maps a model name to an adapter), else the engine's default ``model``. The service names
+  each job's weights by their digest (``service.engines``), so a server with other weights answers 404 instead of
+  wrong scores, and both jobs sent to one server share one ``RemoteEngine``, as they share an in-process engine
+  (admission then counts background generations as work ahead of the re-ranks, as in process).
 """
 
 from __future__ import annotations
@@ -64,15 +67,15 @@ class RemoteEngineError(RuntimeError):
 
 @dataclass(frozen=True)
 class RemoteTarget:
-    """Where one job's calls go: a server and the name it serves the job's weights under."""
+    """A server and the served names of the weights the jobs sent to it use (the first: the default)."""
 
     url: str  # e.g. http://dpo4rec-engine:8000
-    model: str  # the served model name
+    models: tuple[str, ...]  # served model names; a call names one (its LoRARequest's name), else the first
     api_key: str | None = None  # vllm serve --api-key
     wait_s: float = 120.0  # how long ``RemoteEngine.open`` waits for a server that is still starting
 
     def __repr__(self) -> str:  # never the key
-        return f"RemoteTarget(url={self.url!r}, model={self.model!r})"
+        return f"RemoteTarget(url={self.url!r}, models={self.models!r})"
 
 
 def completion_body(model: str, prompt: Any, params: SamplingParams, request_id: str) -> dict[str, Any]:
@@ -138,13 +141,14 @@ class RemoteEngine:
     def __init__(
         self,
         url: str,
-        model: str,
+        model: str | tuple[str, ...],
         counters: Counters | None = None,
         api_key: str | None = None,
         request_timeout_s: float = 600.0,
     ):
         self.url = url.rstrip("/")
-        self.model = model
+        self.models = (model,) if isinstance(model, str) else tuple(model)  # all must be served (``open``)
+        self.model = self.models[0]  # a call without a LoRARequest
         self.counters = counters
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.request_timeout_s = request_timeout_s
@@ -165,13 +169,14 @@ class RemoteEngine:
         prompt: Any,
         params: SamplingParams,
         request_id: str,
-        lora_request: Any = None,  # the served model already names the job's weights
+        lora_request: Any = None,  # its name is the served model to use (else ``model``)
         tokenization_kwargs: Any = None,
     ) -> AsyncIterator[RequestOutput]:
         """The final output of one request (the server answers once; no streaming)."""
         if isinstance(prompt, dict):
             prompt = prompt["prompt_token_ids"]
-        body = completion_body(self.model, prompt, params, request_id)
+        model = self.model if lora_request is None else str(lora_request.lora_name)
+        body = completion_body(model, prompt, params, request_id)
         self._calls.add(request_id)
         try:  # a cancelled wait closes the connection: the server aborts the request
             answer = await self._post("/v1/completions", body)
@@ -210,9 +215,10 @@ class RemoteEngine:
                 if time.monotonic() >= deadline:
                     raise
                 await asyncio.sleep(1.0)
-        if self.model not in served:
+        missing = [name for name in self.models if name not in served]
+        if missing:
             raise RemoteEngineError(
-                f"the engine at {self.url} serves {served}, not {self.model!r} (the weights of this run): "
+                f"the engine at {self.url} serves {served}, not {missing[0]!r} (the weights of this run): "
                 "start it for this run with `python -m dpo4rec engine --run RUN`"
             )
 
@@ -254,9 +260,9 @@ class RemoteEngine:
     def describe(self) -> str:
         """Where the server stands, as ``/readyz`` says it."""
         if self.failing_since is None:
-            return f"remote {self.url} ({self.model}): answering"
+            return f"remote {self.url} ({', '.join(self.models)}): answering"
         since = time.monotonic() - self.failing_since
-        return f"remote {self.url} ({self.model}): not answering for {since:.0f} s ({self.last_error})"
+        return f"remote {self.url} ({', '.join(self.models)}): not answering for {since:.0f} s ({self.last_error})"
 
     def _count(self, usage: Mapping[str, Any]) -> None:
         if self.counters is None:

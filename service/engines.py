@@ -148,16 +148,19 @@ def served_name(settings: Settings, spec: LLMSpec, manifest: dict[str, Any], job
 
 def remote_targets(
     settings: Settings, spec: LLMSpec, manifest: dict[str, Any], jobs: list[str]
-) -> dict[str, RemoteTarget]:
-    """Job -> the server and served name its calls go to (empty: in-process engines)."""
+) -> tuple[dict[str, str], list[tuple[RemoteTarget, tuple[str, ...]]]]:
+    """With remote engines: each job's served name, and each server with the jobs sent to it (one engine for the
+    jobs of one URL, as in process for one set of weights). Both empty: in-process engines."""
     urls = settings.engine_urls()
     if not urls:
-        return {}
+        return {}, []
     key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
-    return {
-        job: RemoteTarget(urls[job], served_name(settings, spec, manifest, job), key, settings.engine_wait_s)
-        for job in jobs
-    }
+    names = {job: served_name(settings, spec, manifest, job) for job in jobs}
+    servers = []
+    for url in dict.fromkeys(urls[job] for job in jobs):
+        sent = tuple(job for job in jobs if urls[job] == url)
+        servers.append((RemoteTarget(url, tuple(names[job] for job in sent), key, settings.engine_wait_s), sent))
+    return names, servers
 
 
 def engines_share_cores(settings: Settings) -> bool:

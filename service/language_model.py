@@ -18,7 +18,7 @@ import asyncio
 import logging
 import uuid
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,8 @@ class LLMJobConfig:
     generation: GenerationConfig  # for the preference job
     rerank_k: int  # labels prepared at start: the most candidates one prompt scores
     loras: dict[str, Path | None]  # job -> LoRA folder applied per request (None: the engine's own weights)
+    # job -> the served model name of its weights on a remote engine (llm.remote: a call names them); empty in process
+    served: dict[str, str] = field(default_factory=dict)
 
 
 class LanguageModel:
@@ -82,6 +84,8 @@ class LanguageModel:
             job: make_lora(job, path, lora_id=i + 1) if path is not None else None
             for i, (job, path) in enumerate(sorted(cfg.loras.items()))
         }
+        for i, (job, name) in enumerate(sorted(cfg.served.items())):  # a remote engine: the weights by served name
+            self.loras[job] = make_lora(name, name, lora_id=i + 1)
 
     @property
     def distinct_engines(self) -> list[AsyncEngine]:

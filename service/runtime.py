@@ -178,10 +178,10 @@ async def _start_llm(
 
     model_dir = await asyncio.to_thread(model_folder, settings, spec)  # the tokenizer's, also with remote engines
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
-    remote = remote_targets(settings, spec, manifest, llm_jobs(settings, spec))
-    if remote:  # the engine tier serves the weights: nothing to merge or start here
-        jobs = {job: JobWeights(model_dir) for job in remote}
-        slots = [SupervisedEngine(target, (job,)) for job, target in remote.items()]
+    served, servers = remote_targets(settings, spec, manifest, llm_jobs(settings, spec))
+    if servers:  # the engine tier serves the weights: nothing to merge or start here
+        jobs = {job: JobWeights(model_dir) for job in served}
+        slots = [SupervisedEngine(target, sent) for target, sent in servers]
     else:
         jobs = await asyncio.to_thread(served_jobs, settings, spec, model_dir)
         slots = supervised_engines(settings, spec, jobs)
@@ -196,6 +196,7 @@ async def _start_llm(
         generation=generation,
         rerank_k=rerank_k(settings, spec),
         loras={job: w.lora for job, w in jobs.items()},
+        served=served,
     )
     queue_s = None if settings.admission_queue_ms is None else settings.admission_queue_ms / 1000
     admission = Admission(rate=200.0, slots=settings.engine_slots, queue_s=queue_s)
@@ -203,8 +204,8 @@ async def _start_llm(
     log.info(
         "llm jobs: %s",
         ", ".join(
-            f"{job} on {remote[job].url} ({remote[job].model})"
-            if job in remote
+            f"{job} on {settings.engine_urls()[job]} ({served[job]})"
+            if job in served
             else f"{job} on {w.model.name}{' + LoRA ' + w.lora.name if w.lora else ''}"
             for job, w in jobs.items()
         ),

@@ -133,7 +133,7 @@ class EngineSupervisor:
         loop = asyncio.get_running_loop()
         if isinstance(slot.config, RemoteTarget):
             remote = RemoteEngine(
-                slot.config.url, slot.config.model, slot.counters, slot.config.api_key, request_timeout_s=600.0
+                slot.config.url, slot.config.models, slot.counters, slot.config.api_key, request_timeout_s=600.0
             )
             try:
                 await remote.open(wait_s=slot.config.wait_s)
@@ -142,7 +142,7 @@ class EngineSupervisor:
                 await remote.aclose()
                 raise
             slot.started_at = loop.time()
-            log.info("%s job on the engine at %s (%s)", "+".join(slot.jobs), slot.config.url, slot.config.model)
+            log.info("%s on the engine at %s (%s)", "+".join(slot.jobs), slot.config.url, ", ".join(slot.config.models))
             return remote
         before = descendants()
         building = loop.run_in_executor(self._starter, make_async_engine, slot.config, slot.counters)

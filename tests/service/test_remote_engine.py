@@ -117,6 +117,7 @@ def test_remote_scores_and_preferences_equal_the_in_process_engine(
 ) -> None:
     local_llm, remote_llm = app.state.service.llm, remote_app.state.service.llm
     assert type(remote_llm.engines["rerank"]).__name__ == "RemoteEngine"
+    assert remote_llm.engines["rerank"] is remote_llm.engines["preference"]  # one server: one engine, as in process
     assert type(local_llm.engines["rerank"]).__name__ == "AsyncLLM"
     scoring = app.state.service.pipeline.scoring
     candidates = [HistoryItem(title=f"Golden Star {i} ({1960 + 7 * i})") for i in range(8)]
@@ -157,7 +158,8 @@ def test_remote_scores_and_preferences_equal_the_in_process_engine(
     def generated(client_: TestClient, llm: Any) -> list[str]:
         async def run() -> list[str]:
             engine = llm.engines["preference"]
-            return [(await agenerate(engine, ids, greedy, f"gen-{n}"))[0] for n, ids in enumerate(texts)]
+            lora = llm.loras.get("preference")  # remote: the job's weights by served name
+            return [(await agenerate(engine, ids, greedy, f"gen-{n}", lora))[0] for n, ids in enumerate(texts)]
 
         return run_async(client_, run)
 
