@@ -163,19 +163,6 @@ def remote_targets(
     return names, servers
 
 
-def engines_share_cores(settings: Settings) -> bool:
-    """Whether the re-rank engine runs on this machine's cores: in process, or a server at a loopback address (the
-    two tiers on one machine). The API then lowers its priority below the engine's (``api_nice``); on their own
-    machines the tiers do not compete."""
-    from urllib.parse import urlsplit
-
-    urls = settings.engine_urls()
-    if not urls:
-        return True
-    host = urlsplit(urls["rerank"]).hostname or ""
-    return host == "localhost" or host == "::1" or host.startswith("127.")
-
-
 @dataclass(frozen=True)
 class ServerPlan:
     """What one ``vllm serve`` process serves: a model folder under names, and LoRA modules on it."""

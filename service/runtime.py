@@ -33,7 +33,6 @@ from service.engines import (
     JobWeights,
     adapter_files,
     base_model,
-    engines_share_cores,
     llm_jobs,
     model_folder,
     remote_targets,
@@ -298,8 +297,10 @@ async def open_version(
             # the API gives way only to a re-rank engine: at weight 0 the one engine writes background preferences
             # (itself at +preference_engine_nice), and a niced API then answered at half the rate (BENCHMARKS)
             reranks = served_scoring(settings, artifacts.llm).uses_llm
-            shared_cores = engines_share_cores(settings)
-            if first_engines and settings.api_nice and reranks and shared_cores:  # not the engine starter thread
+            # not for a remote engine, even on this machine: the API's own HTTP client feeds it, and a niced API
+            # lost goodput to a busy server (docs/BENCHMARKS.md, "The engine as its own tier")
+            in_process = not settings.engine_urls()
+            if first_engines and settings.api_nice and reranks and in_process:  # not the engine starter thread
                 lower_priority(settings.api_nice, keep={supervisor.starter_tid})
                 log.info("API process niceness +%d (the engine processes keep theirs)", settings.api_nice)
         preferences = PreferenceService(

@@ -203,8 +203,8 @@ class Settings(BaseSettings):
         19,
         ge=0,
         le=19,
-        description="niceness added to the API process once a re-rank engine runs on its cores (in process, or a "
-        "server at a loopback address): the engine "
+        description="niceness added to the API process once an in-process re-rank engine runs: on shared cores the "
+        "engine "
         "keeps its share under a burst of fast answers; not at fusion weight 0, where it halved the retrieval "
         "path's rate (0: off)",
     )

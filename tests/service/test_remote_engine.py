@@ -272,15 +272,3 @@ def test_dpo4rec_engine_prints_the_server_the_service_asks_for(tiny_run_dir: Pat
 
     wrong = CliRunner().invoke(cli, ["engine", "--run", str(tiny_run_dir), "--job", "ranker", "--print"])
     assert wrong.exit_code == 2 and "unknown job 'ranker'" in wrong.output
-
-
-@pytest.mark.parametrize(
-    ("url", "shared"),
-    [(None, True), ("http://127.0.0.1:8000", True), ("http://localhost:8000", True), ("http://engine:8000", False)],
-)
-def test_the_api_gives_way_only_to_an_engine_on_its_own_cores(
-    tiny_run_dir: Path, url: str | None, shared: bool
-) -> None:
-    from service.engines import engines_share_cores
-
-    assert engines_share_cores(base_settings(tiny_run_dir, engine_url=url)) is shared
