@@ -37,18 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.support import ENV_DEFAULTS, cpu_between, load_now, machine, tree_cpu
-
-CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+from benchmarks.support import CPU_FLAGS, ENV_DEFAULTS, cpu_between, cpu_flags, load_now, machine, tree_cpu
 
 
-def cpu_flags() -> dict[str, bool]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return {flag: flag in flags for flag in CPU_FLAGS}
+def flag_table() -> dict[str, bool]:
+    """Which of the engine-relevant CPU flags this machine has, each named (``benchmarks.support.cpu_flags``)."""
+    present = cpu_flags()
+    return {flag: flag in present for flag in CPU_FLAGS if flag != "avx2"}
 
 
 def payloads(kind: str, run: Path, n: int) -> list[str]:
@@ -173,7 +168,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "command": "python -m benchmarks.batch_ray "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "machine": {**machine(), "cpu_flags": cpu_flags()},
+        "machine": {**machine(), "cpu_flags": flag_table()},
         "cores": cores,
         "chunk_size": args.chunk_size,
         "actors": args.actors,

@@ -57,7 +57,7 @@ from typing import Any
 
 from benchmarks.open_loop import LoadConfig, Poster, Shot, arrival_times, read_bodies, send_level, summarize
 from benchmarks.service_bench import to_jsonable
-from benchmarks.support import ENV_DEFAULTS, Server, free_port, load_now, machine
+from benchmarks.support import ENV_DEFAULTS, Server, cpu_flags, free_port, load_now, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDED = ("drill-added-1", "drill-added-2")  # item ids of the two added versions
@@ -681,15 +681,6 @@ def commit() -> str:
         return head.stdout.strip() or "?"
     except OSError:
         return "?"
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(set(flags) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[DrillConfig, argparse.Namespace]:

@@ -38,16 +38,10 @@ from typing import Any
 
 from benchmarks.open_loop import LoadConfig, read_bodies, sweep
 from benchmarks.service_bench import to_jsonable
-from benchmarks.support import ENV_DEFAULTS, HOST, Server, free_port, load_now, machine, tree_cpu
+from benchmarks.support import ENV_DEFAULTS, HOST, Server, cpu_flags, free_port, load_now, machine, tree_cpu
 
 for _key, _value in ENV_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
-
-
-def cpu_flags() -> list[str]:
-    text = Path("/proc/cpuinfo").read_text()
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(set(flags) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
 
 
 def start_engine(run: Path, weight: float, log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -79,13 +73,15 @@ def start_engine(run: Path, weight: float, log: Path) -> tuple[subprocess.Popen[
 
 
 def prompts(run: Path, n: int, k: int) -> tuple[list[list[int]], list[int]]:
-    """``n`` re-rank prompts of ``k`` catalog candidates with the run's template, each a different user."""
+    """``n`` re-rank prompts of ``k`` catalog candidates, each a different user, from the service's builder (one
+    candidate order: the single prompt a request at ``permutations`` 1 sends)."""
     import random
 
     from transformers import AutoTokenizer
 
     from llm.labels import candidate_labels
-    from llm.prompts import HistoryItem, render, rerank_messages
+    from llm.prompts import HistoryItem
+    from llm.rerank_prompts import RerankPromptBuilder
     from rundir.reader import read_catalog
     from rundir.spec import load_llm_spec
     from service.engines import model_folder
@@ -95,6 +91,7 @@ def prompts(run: Path, n: int, k: int) -> tuple[list[list[int]], list[int]]:
     tokenizer = AutoTokenizer.from_pretrained(str(model_folder(Settings(run_dir=run), spec)))
     catalog = read_catalog(run)
     labels = candidate_labels(tokenizer, k)
+    builder = RerankPromptBuilder(tokenizer, spec.prompt, labels)
     rng = random.Random(0)
     out = []
     for u in range(n):
@@ -102,8 +99,7 @@ def prompts(run: Path, n: int, k: int) -> tuple[list[list[int]], list[int]]:
         recent = [HistoryItem(title=it.title, rating=4.0) for it in items[k:]]
         candidates = [HistoryItem(title=it.title) for it in items[:k]]
         preference = f"User {u} {rng.random():.6f}: likes {items[0].title} and films like it."  # a new prefix
-        text = render(tokenizer, rerank_messages(preference, recent, candidates, [t for t, _ in labels], spec.prompt))
-        out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        out.append(builder.build(preference, recent, candidates).token_ids[0])
     return out, [i for _, i in labels]
 
 

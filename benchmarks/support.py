@@ -65,6 +65,20 @@ def machine() -> dict[str, Any]:
     }
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides the engine's dtype and speed
+
+
+def cpu_flags() -> list[str]:
+    """The ``CPU_FLAGS`` this machine has (``/proc/cpuinfo``; empty where there is none): every benchmark row names
+    them, since bf16 prefill is 2-3x faster where AVX512-BF16/AMX are."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(set(flags) & set(CPU_FLAGS))
+
+
 def load_now(label: str) -> dict[str, Any]:
     try:
         text = subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()

@@ -31,11 +31,9 @@ from llm.models import resolve_model
 from llm.remote import RemoteTarget
 from llm.scoring import ScoringSpec
 from llm.weights import merged_model
-from rundir.spec import LLMSpec
+from rundir.spec import JOBS, LLMSpec
 from service.settings import Settings
 from service.supervisor import RestartPolicy, SupervisedEngine
-
-JOBS = ("preference", "rerank")
 
 
 @dataclass(frozen=True)
@@ -170,7 +168,6 @@ class ServerPlan:
     model: Path
     names: list[str]
     loras: dict[str, str]
-    jobs: list[str]
 
 
 def server_plan(
@@ -178,7 +175,7 @@ def server_plan(
 ) -> ServerPlan:
     """The server for ``jobs`` of a run: one model folder (merged adapters: the job's merged weights; lora: the
     base with the adapters as LoRA modules). Jobs whose merged weights differ need a server each (``--job``)."""
-    weights = {job: w for job, w in served_jobs(settings, spec, model_dir, jobs=jobs).items()}
+    weights = served_jobs(settings, spec, model_dir, jobs=jobs)
     folders = sorted({str(w.model) for w in weights.values()})
     if len(folders) > 1:
         raise ValueError(
@@ -192,7 +189,7 @@ def server_plan(
             loras[name] = str(w.lora)
         else:
             names.append(name)
-    return ServerPlan(Path(folders[0]), names, loras, list(weights))
+    return ServerPlan(Path(folders[0]), names, loras)
 
 
 def engine_command(settings: Settings, run: Path, job: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:

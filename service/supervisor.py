@@ -132,9 +132,7 @@ class EngineSupervisor:
         remote engine, connect to its server and warm it up (the server is the engine tier's to start)."""
         loop = asyncio.get_running_loop()
         if isinstance(slot.config, RemoteTarget):
-            remote = RemoteEngine(
-                slot.config.url, slot.config.models, slot.counters, slot.config.api_key, request_timeout_s=600.0
-            )
+            remote = RemoteEngine(slot.config.url, slot.config.models, slot.counters, slot.config.api_key)
             try:
                 await remote.open(wait_s=slot.config.wait_s)
                 await awarm_up(remote)  # type: ignore[arg-type]  # AsyncLLM's calls, over HTTP
