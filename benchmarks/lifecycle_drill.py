@@ -1,4 +1,5 @@
-"""Lifecycle drills against a real ``dpo4rec serve``: run versions swapped under open-loop load, and an engine killed.
+"""Lifecycle drills against a real ``dpo4rec serve``: run versions swapped under open-loop load, an engine killed, and
+the Redis server stopped.
 
 SPEC section 9 ("Lifecycle"). A copy of ``--run`` is made a run root (``rundir.versions``) in a temporary folder,
 served by one service process per fusion weight, under the fixed-rate open-loop load of
@@ -19,6 +20,13 @@ served by one service process per fusion weight, under the fixed-rate open-loop 
    process(es); ``/readyz`` and ``/livez`` polled every 0.5 s throughout (target: 200 always); 5xx (target
    0); answers flagged ``llm_unavailable``; the recovery time, from the kill to the first LLM-scored answer
    to a request sent after it, with no action taken.
+3. **Redis stop** (the load tests' fault drill, on the open-loop generator). The service uses a redis-server the
+   drill owns (``DPO4REC_REDIS_URL``); at fusion weight 1, ``--redis-at`` s into the load it is stopped, and
+   ``--redis-out`` s later started again (empty, as after a crash: the service re-warms it from the run). Per
+   window (before, outage, after): 5xx and connection errors (target 0), answers flagged
+   ``cache_unavailable`` (the outage's, and none after), LLM-scored share, p50/p99; the cache lookups by result
+   from ``/metrics`` (errors in the outage, hits again after: recovered with no action); ``/readyz`` and
+   ``/livez`` polled throughout.
 
 Markers of a mixed answer (one computed partly by another version than the one it names): the added items
 have embeddings of ~1/20 the norm of trained ones (the content tower's ridge shrinks them) and are never
@@ -75,22 +83,26 @@ class DrillConfig:
     weights: tuple[float, ...] = (0.0, 1.0)  # one rollout drill per weight; the kill drill on weight 1's server
     baseline_s: float = 30.0  # load with no swap, before the swaps
     gap_s: float = 8.0  # between two reloads
-    drills: tuple[str, ...] = ("rollout", "kill")
+    drills: tuple[str, ...] = ("rollout", "kill")  # and "redis"
     api_nice: int | None = None  # DPO4REC_API_NICE of the service (None: its default, 19)
     kill_at_s: float = 20.0  # load before the kill
     kill_after_s: float = 120.0  # load after it (an engine start took 40-65 s quiet, 54-97 s loaded)
+    redis_at_s: float = 20.0  # load before the Redis stop
+    redis_out_s: float = 20.0  # Redis down this long
+    redis_after_s: float = 20.0  # load after it is back
     top_n: int = 20
     timeout_s: float = 10.0  # client timeout of one request
     start_timeout_s: float = 600.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.rate, self.llm_rate, self.baseline_s, self.gap_s, self.kill_at_s, self.kill_after_s) <= 0:
+        windows = (self.baseline_s, self.gap_s, self.kill_at_s, self.kill_after_s, self.redis_at_s, self.redis_out_s)
+        if min(self.rate, self.llm_rate, *windows, self.redis_after_s) <= 0:
             raise ValueError("rates, windows and the gap must be positive")
-        if not set(self.drills) <= {"rollout", "kill"}:
-            raise ValueError(f"drills are rollout and kill, got {self.drills}")
-        if "kill" in self.drills and 1.0 not in self.weights:
-            raise ValueError("the kill drill runs on the fusion-weight-1 server: keep 1 in --weights")
+        if not set(self.drills) <= {"rollout", "kill", "redis"}:
+            raise ValueError(f"drills are rollout, kill and redis, got {self.drills}")
+        if {"kill", "redis"} & set(self.drills) and 1.0 not in self.weights:
+            raise ValueError("the kill and redis drills run on the fusion-weight-1 server: keep 1 in --weights")
 
     @property
     def swap_s(self) -> float:
@@ -178,11 +190,15 @@ def tamper(root: Path, version: str) -> str:
 # ---- the service, its processes and its answers ----------------------------------------------------------------
 
 
-async def start_service(root: Path, log: Path, weight: float, cfg: DrillConfig) -> tuple[Server, float]:
+async def start_service(
+    root: Path, log: Path, weight: float, cfg: DrillConfig, redis_url: str | None = None
+) -> tuple[Server, float]:
     """``dpo4rec serve --run ROOT`` at ``weight``; reloads only on ``POST /admin/reload`` (the drill times them)."""
     import httpx
 
     env = {**ENV_DEFAULTS, "DPO4REC_FUSION_WEIGHT": f"{weight:g}", "DPO4REC_RELOAD_POLL_S": "null"}
+    if redis_url is not None:
+        env["DPO4REC_REDIS_URL"] = redis_url
     if cfg.api_nice is not None:
         env["DPO4REC_API_NICE"] = str(cfg.api_nice)
     server = Server(root, free_port(), log, env)
@@ -573,6 +589,73 @@ async def kill_drill(server: Server, cfg: DrillConfig, bodies: list) -> dict[str
     }  # fmt: skip
 
 
+async def cache_lookups(client: Any) -> dict[str, float]:
+    """``dpo4rec_preference_cache_lookups_total`` by result (hit, miss, error) from ``/metrics``."""
+    r = await client.get("/metrics", timeout=10.0)
+    out = {"hit": 0.0, "miss": 0.0, "error": 0.0}
+    for line in r.text.splitlines():
+        if line.startswith("dpo4rec_preference_cache_lookups_total{"):
+            result = line.split('result="', 1)[1].split('"', 1)[0]
+            out[result] = out.get(result, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def redis_drill(server: Server, redis: Any, cfg: DrillConfig, bodies: list) -> dict[str, Any]:
+    import httpx
+
+    assert server.proc is not None
+    total = cfg.redis_at_s + cfg.redis_out_s + cfg.redis_after_s
+    lcfg = LoadConfig(url=server.base_url, duration_s=total, timeout_s=cfg.timeout_s, seed=cfg.seed + 2)
+    poster = Poster(lcfg)
+    encoded = [json.dumps(b).encode() for b in bodies]
+    samples: list[dict[str, Any]] = []
+    lookups: dict[str, dict[str, float]] = {}
+    stop = asyncio.Event()
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url) as client:
+            t0 = time.perf_counter()
+            offsets = arrival_times(cfg.llm_rate, total, lcfg.burstiness, cfg.seed + 2)
+            load = asyncio.create_task(send_level(poster, encoded, offsets, lcfg.drain_cap_s))
+            watch = asyncio.create_task(monitor(client, server.proc.pid, t0, stop, samples))
+            lookups["start"] = await cache_lookups(client)
+            await asyncio.sleep(max(0.0, t0 + cfg.redis_at_s - time.perf_counter()))
+            lookups["stop"] = await cache_lookups(client)
+            await redis.stop()
+            t_stop = time.perf_counter() - t0
+            print(f"[redis] {t_stop:.1f} s: redis-server stopped", flush=True)
+            await asyncio.sleep(max(0.0, t0 + cfg.redis_at_s + cfg.redis_out_s - time.perf_counter()))
+            lookups["restart"] = await cache_lookups(client)
+            await redis.start()
+            t_start = time.perf_counter() - t0
+            print(f"[redis] {t_start:.1f} s: redis-server started again (empty)", flush=True)
+            shots, _ = await load
+            lookups["end"] = await cache_lookups(client)
+            stop.set()
+            await watch
+    finally:
+        await poster.aclose()
+
+    def delta(a: str, b: str) -> dict[str, float]:
+        return {k: lookups[b].get(k, 0.0) - lookups[a].get(k, 0.0) for k in lookups[b]}
+
+    flagged = [s for s in shots if "cache_unavailable" in s.degraded]
+    return {
+        "rate": cfg.llm_rate,
+        "stopped_s": round(t_stop, 2),
+        "started_s": round(t_start, 2),
+        "before": window(shots, 0, t_stop, cfg.llm_rate, lcfg),
+        "outage": window(shots, t_stop, t_start, cfg.llm_rate, lcfg),
+        "after": window(shots, t_start, total, cfg.llm_rate, lcfg),
+        "cache_lookups": {"before": delta("start", "stop"), "outage": delta("stop", "restart"),
+                          "after": delta("restart", "end")},
+        "cache_unavailable_answers": len(flagged),
+        "cache_unavailable_after_restart": sum(1 for s in flagged if s.scheduled_s >= t_start + 1.0),
+        "http_5xx": sum(1 for s in shots if s.status >= 500),
+        "connection_errors": sum(1 for s in shots if s.status == -1),
+        "probes": probes(samples),
+    }  # fmt: skip
+
+
 # ---- the whole run ----------------------------------------------------------------------------------------------
 
 
@@ -584,12 +667,21 @@ async def drill(cfg: DrillConfig, work: Path) -> dict[str, Any]:
     shutil.copytree(cfg.run, copy)
     init_root(root, copy)
     versions: Versions | None = None
-    out: dict[str, Any] = {"rollout": [], "engine_kill": None, "service_start_s": {}, "loadavg": []}
+    out: dict[str, Any] = {
+        "rollout": [], "engine_kill": None, "redis_stop": None, "service_start_s": {}, "loadavg": []
+    }  # fmt: skip
     weights = cfg.weights if "rollout" in cfg.drills else (1.0,)
+    redis = None
+    if "redis" in cfg.drills:  # a redis-server the drill can stop (the embedded one is the service's child)
+        from service.redis_server import EmbeddedRedis
+
+        redis = EmbeddedRedis(work / "redis")
+        await redis.start()
     for weight in weights:
         if versions is not None:
             publish(root, versions.dirs["first"])
-        server, ready_s = await start_service(root, work / f"service-w{weight:g}.log", weight, cfg)
+        url = redis.url if redis is not None and redis.running else None
+        server, ready_s = await start_service(root, work / f"service-w{weight:g}.log", weight, cfg, url)
         out["service_start_s"][f"{weight:g}"] = round(ready_s, 1)
         try:
             if "rollout" in cfg.drills:
@@ -605,8 +697,16 @@ async def drill(cfg: DrillConfig, work: Path) -> dict[str, Any]:
                     await warm_up(server.base_url, bodies)
                 out["loadavg"].append(load_now("engine-kill drill"))
                 out["engine_kill"] = await kill_drill(server, cfg, bodies)
+            if redis is not None and weight == 1.0:
+                bodies = make_bodies(root, cfg, None)
+                if not {"rollout", "kill"} & set(cfg.drills):
+                    await warm_up(server.base_url, bodies)
+                out["loadavg"].append(load_now("redis-stop drill"))
+                out["redis_stop"] = await redis_drill(server, redis, cfg, bodies)
         finally:
             server.stop()
+    if redis is not None:
+        await redis.stop()
     if versions is not None:
         out["versions"] = {"names": versions.names, "removed_item": versions.removed_item, "build_s": versions.build_s}
     return out
@@ -635,6 +735,13 @@ def targets(result: dict[str, Any]) -> dict[str, bool]:
         met["kill_readyz_always_200"] = set(k["probes"]["readyz"]) == {"200"}
         met["kill_no_5xx_no_connection_errors"] = k["http_5xx"] == 0 and k["connection_errors"] == 0
         met["kill_llm_answers_resumed"] = k["recovery_s"] is not None
+    r = result.get("redis_stop")
+    if r:
+        met["redis_no_5xx_no_connection_errors"] = r["http_5xx"] == 0 and r["connection_errors"] == 0
+        met["redis_outage_flagged"] = r["outage"].get("degraded", {}).get("cache_unavailable", 0) > 0
+        hits_after = r["cache_lookups"]["after"].get("hit", 0)
+        met["redis_recovered"] = hits_after > 0 and not r["cache_unavailable_after_restart"]
+        met["redis_livez_always_200"] = set(r["probes"]["livez"]) == {"200"}  # /readyz: 503 unless redis_optional
     return met
 
 
@@ -671,6 +778,15 @@ def print_tables(result: dict[str, Any]) -> None:
             f"connection errors {k['connection_errors']}, /readyz {k['probes']['readyz']} (slowest "
             f"{k['probes']['readyz_max_s']} s), /livez {k['probes']['livez']}"
         )
+    r = result.get("redis_stop")
+    if r:
+        console.print(
+            f"redis stopped {r['stopped_s']}-{r['started_s']} s: cache_unavailable answers "
+            f"{r['cache_unavailable_answers']} ({r['cache_unavailable_after_restart']} after the restart), lookups "
+            f"{r['cache_lookups']}, 5xx {r['http_5xx']}, connection errors {r['connection_errors']}, p99 before/"
+            f"outage/after {ms(r['before'].get('p99_ms'))}/{ms(r['outage'].get('p99_ms'))}/"
+            f"{ms(r['after'].get('p99_ms'))} ms, /readyz {r['probes']['readyz']}"
+        )
     met = result["targets"].items()
     console.print("targets: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in met))
 
@@ -691,10 +807,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[DrillConfig, argparse.Namesp
     p.add_argument("--weights", default="0,1", help="fusion weights of the rollout drill, comma-separated")
     p.add_argument("--baseline", type=float, default=30.0, help="seconds of load before the first swap")
     p.add_argument("--gap", type=float, default=8.0, help="seconds between reloads")
-    p.add_argument("--drills", default="rollout,kill", help="which drills: rollout, kill, or both")
+    p.add_argument("--drills", default="rollout,kill", help="which drills: rollout, kill, redis (comma-separated)")
     p.add_argument("--api-nice", type=int, help="DPO4REC_API_NICE of the service (default: the service's)")
     p.add_argument("--kill-at", type=float, default=20.0, help="seconds of load before the kill")
     p.add_argument("--kill-after", type=float, default=120.0, help="seconds of load after the kill")
+    p.add_argument("--redis-at", type=float, default=20.0, help="seconds of load before Redis is stopped")
+    p.add_argument("--redis-out", type=float, default=20.0, help="seconds Redis stays down")
+    p.add_argument("--redis-after", type=float, default=20.0, help="seconds of load after it is back")
     p.add_argument("--top-n", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep the temporary run root and the service logs")
@@ -703,8 +822,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[DrillConfig, argparse.Namesp
     cfg = DrillConfig(
         run=args.run, rate=args.rate, llm_rate=args.llm_rate, weights=tuple(float(w) for w in args.weights.split(",")),
         baseline_s=args.baseline, gap_s=args.gap, drills=tuple(args.drills.split(",")),
-        api_nice=args.api_nice, kill_at_s=args.kill_at,
-        kill_after_s=args.kill_after, top_n=args.top_n, seed=args.seed,
+        api_nice=args.api_nice, kill_at_s=args.kill_at, kill_after_s=args.kill_after, redis_at_s=args.redis_at,
+        redis_out_s=args.redis_out, redis_after_s=args.redis_after, top_n=args.top_n, seed=args.seed,
     )  # fmt: skip
     return cfg, args
 

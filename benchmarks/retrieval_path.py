@@ -225,8 +225,12 @@ def wrk_closed_loop(url: str, users: Sequence[str], top_n: int, seconds: int = 1
         command = ["wrk", "-t2", "-c16", f"-d{seconds}s", "-s", f.name, "--latency", url + "/rerank"]
         text = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30).stdout
     found = {
-        name: m.group(1) if (m := re.search(pattern, text)) else None
-        for name, pattern in (("p50", r"50%\s+(\S+)"), ("p99", r"99%\s+(\S+)"), ("rps", r"Requests/sec:\s+(\S+)"))
+        name: m.group(1) if (m := re.search(pattern, text, re.M)) else None
+        for name, pattern in (
+            ("p50", r"^\s*50%\s+([\d.]+\w*)"),
+            ("p99", r"^\s*99%\s+([\d.]+\w*)"),
+            ("rps", r"Requests/sec:\s+(\S+)"),
+        )
     }
     return {"connections": 16, "seconds": seconds, **found, "non_2xx": "Non-2xx" in text}
 

@@ -386,7 +386,7 @@ class PromptBuilder:
         )
 
 
-async def _score_job(engine: Any, job: Job, lora: Any, tag: str) -> list[Any]:
+async def score_job(engine: Any, job: Job, lora: Any, tag: str) -> list[Any]:
     """The label log-probs (K,) of each of the job's prompts, sent at once as the service sends them."""
     from llm.engine import ascore_labels
 
@@ -421,7 +421,7 @@ async def bare_engine(
     async with async_engine(engine_cfg) as engine:  # the service's warm-up, too
         start_s = time.perf_counter() - started
         for job in warm:  # the warm-up requests the service's engine saw before its concurrency-1 level
-            await _score_job(engine, job, lora, "bench-warm")
+            await score_job(engine, job, lora, "bench-warm")
         single_ms: list[float] = []
         diffs: list[float] = []
         same_order = 0
@@ -430,7 +430,7 @@ async def bare_engine(
             if time.perf_counter() - t0 > budget_s:
                 break
             begin = time.perf_counter()
-            per_order = await _score_job(engine, job, lora, "bench")
+            per_order = await score_job(engine, job, lora, "bench")
             single_ms.append((time.perf_counter() - begin) * 1000)
             if job.service_probs is not None:  # as LanguageModel.score and the LLM stage compute them
                 logprobs = [np.asarray(x, dtype=np.float64) for x in per_order]
@@ -473,7 +473,7 @@ async def _bare_level(engine: Any, jobs: list[Job], concurrency: int, lora: Any,
             if time.perf_counter() - t1 > seconds:
                 return
             begin = time.perf_counter()
-            await _score_job(engine, job, lora, "bench-b")
+            await score_job(engine, job, lora, "bench-b")
             done.append(((time.perf_counter() - begin) * 1000, job.prompt_tokens))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
