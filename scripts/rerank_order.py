@@ -25,7 +25,7 @@ import typer  # noqa: E402
 from llm.prompts import render  # noqa: E402
 from rundir.reader import load_llm_spec  # noqa: E402
 from scripts.run_state import stage_inputs  # noqa: E402
-from training.engines import engine_cfg, engine_jobs, run_isolated  # noqa: E402
+from training.engines import EngineJob, EngineWeights, engine_cfg, engine_jobs, run_isolated  # noqa: E402
 from training.rerank import dpo_rows, order_stats  # noqa: E402
 from training.rerank_training import rerank_lists  # noqa: E402
 
@@ -55,10 +55,10 @@ def main(
     ids = [[token for _, token in e.labels] for e in scored]
     rerank_adapter = load_llm_spec(run, []).adapters.get("rerank")
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = [{"kind": "score", "prompts": prompts, "label_ids": ids, "model": str(model_dir), "lora": None}]
+        jobs = [EngineJob.score(prompts, ids, EngineWeights(str(model_dir)))]
         if rerank_adapter is not None:
             merged = merge_adapter(model_dir, rerank_adapter, Path(tmp) / "merged", dtype="float32")
-            jobs.append({"kind": "score", "prompts": prompts, "label_ids": ids, "model": str(merged), "lora": None})
+            jobs.append(EngineJob.score(prompts, ids, EngineWeights(str(merged))))
         scores = run_isolated(engine_jobs, engine_cfg(cfg), jobs)
     targets = [e.target_position for e in scored]
     for name, per_prompt in zip(("zero-shot", "the run's re-rank adapter (SFT+DPO)"), scores, strict=False):

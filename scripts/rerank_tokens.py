@@ -39,7 +39,7 @@ from rundir.items import prompt_items  # noqa: E402
 from rundir.reader import load_llm_spec  # noqa: E402
 from scripts.run_state import stage_inputs  # noqa: E402
 from training import ranking_metrics as M  # noqa: E402
-from training.engines import engine_cfg, engine_jobs, run_isolated  # noqa: E402
+from training.engines import EngineJob, EngineWeights, engine_cfg, engine_jobs, run_isolated  # noqa: E402
 from training.rerank_training import rerank_lists  # noqa: E402
 from training.stages import prompt_config  # noqa: E402
 
@@ -131,7 +131,7 @@ def main(
             e.user_id: (e.target_position if e.target_position is not None else depth) for e in deep
         }
 
-    jobs, plans = [], []
+    batches, plans = [], []  # per setting: its (prompts, label ids), and what to read back
     for k, recent, chars, source in settings:
         lists, pcfg = lists_for(k, recent, chars, source)
         valid = [e for e in lists.valid if e.target_position is not None]
@@ -144,14 +144,15 @@ def main(
         n_cal = len(prompts)
         prompts += [render(tokenizer, e.messages) for e in valid]
         ids += [[t for _, t in e.labels] for e in valid]
-        jobs.append({"kind": "score", "prompts": prompts, "label_ids": ids})
+        batches.append((prompts, ids))
         tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts[n_cal:]]
         plans.append((k, recent, chars, source, lists.valid, valid, n_cal, len(cal_shifts), tokens))
 
     with tempfile.TemporaryDirectory() as tmp:
         merged = merge_adapter(model_dir, rerank_adapter, Path(tmp) / "merged", dtype="float32")
         started = time.perf_counter()
-        scores = run_isolated(engine_jobs, engine_cfg(cfg), [{**j, "model": str(merged), "lora": None} for j in jobs])
+        jobs = [EngineJob.score(prompts, ids, EngineWeights(str(merged))) for prompts, ids in batches]
+        scores = run_isolated(engine_jobs, engine_cfg(cfg), jobs)
         seconds = time.perf_counter() - started
 
     rows = []

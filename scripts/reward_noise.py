@@ -27,9 +27,8 @@ from retrieval.encoder import EncoderConfig, TextEncoder  # noqa: E402
 from rundir.preferences import load_preferences  # noqa: E402
 from rundir.reader import read_dpo_pairs  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.data import load_dataset  # noqa: E402
+from training.data import prepare_data  # noqa: E402
 from training.reward import reward_inputs, rewards  # noqa: E402
-from training.split import leave_one_out  # noqa: E402
 from training.stages import train_sasrec  # noqa: E402
 
 app = typer.Typer(add_completion=False)
@@ -54,9 +53,8 @@ def main(
 ) -> None:
     cfg = load_config(config)
     pairs = read_dpo_pairs(run, round_)
-    dataset = load_dataset(cfg.data.name, Path(cfg.data.data_dir))
-    split = leave_one_out(dataset.interactions, cfg.data.min_interactions)
-    users = split.ids()[: cfg.max_users] if cfg.max_users else split.ids()
+    data = prepare_data(cfg)
+    split, users = data.split, data.users
     texts, vectors = load_preferences(run)
     prefs = {u: vectors[i] for i, u in enumerate(texts)}
     encoder = TextEncoder(EncoderConfig())
@@ -66,7 +64,7 @@ def main(
     print(f"{len(pairs)} pairs of {run}; original reward model: chosen > rejected in all of them by construction")
     for seed in seeds:
         seeded = replace(cfg, retriever=replace(cfg.retriever, seed=seed))
-        model, curve = train_sasrec(seeded, dataset.catalog, split, users, prefs, vectors.shape[1])
+        model, curve = train_sasrec(seeded, data.dataset.catalog, split, users, prefs, vectors.shape[1])
         r = rewards(model, both, seqs, valid, k=cfg.preference_dpo.reward_k)  # (pairs, 2)
         same = int((r[:, 0] > r[:, 1]).sum())
         ties = int((r[:, 0] == r[:, 1]).sum())

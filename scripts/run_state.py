@@ -14,8 +14,7 @@ from retrieval.encoder import TextEncoder
 from rundir.preferences import load_preferences
 from rundir.reader import read_encoder_config, read_retriever
 from training.config import load_config
-from training.data import load_dataset
-from training.split import leave_one_out
+from training.data import prepare_data
 from training.stages import BASE_ROW, Served, StageInputs
 
 
@@ -23,9 +22,8 @@ def stage_inputs(run: Path, config: str) -> tuple[StageInputs, Served, Any]:
     """The stage inputs (the run's served texts, vectors and retriever on the config's users), what the run
     serves, and the tokenizer; a run trained on other users is refused."""
     cfg = load_config(config)
-    dataset = load_dataset(cfg.data.name, Path(cfg.data.data_dir))
-    split = leave_one_out(dataset.interactions, cfg.data.min_interactions)
-    users = split.ids()[: cfg.max_users] if cfg.max_users else split.ids()
+    data = prepare_data(cfg)
+    users = data.users
     texts, vectors = load_preferences(run)  # the served texts, rows in the run's user order
     if list(texts) != users:
         raise typer.BadParameter(f"{run} was not trained on the users of --config {config}")
@@ -34,8 +32,8 @@ def stage_inputs(run: Path, config: str) -> tuple[StageInputs, Served, Any]:
     ranks = np.zeros(len(users), dtype=np.int64)  # the re-rank lists do not read test ranks
     inp = StageInputs(
         cfg=cfg,
-        catalog=dataset.catalog,
-        split=split,
+        catalog=data.dataset.catalog,
+        split=data.split,
         users=users,
         model_dir=model_dir,
         encoder=TextEncoder(read_encoder_config(run)),

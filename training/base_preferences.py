@@ -19,7 +19,7 @@ from rundir.items import prompt_items
 from rundir.manifest import RunDirError, read_manifest
 from rundir.preferences import TEXTS, load_preferences
 from training.config import PipelineConfig
-from training.engines import engine_cfg, engine_jobs, greedy, run_isolated, sampling
+from training.engines import EngineJob, EngineWeights, engine_cfg, engine_jobs, greedy, run_isolated, sampling
 from training.split import Split
 from training.stages import prompt_config, prompt_histories, sample_users
 
@@ -60,12 +60,12 @@ def llm_preferences(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     messages = preference_messages_of(cfg, catalog, split, users)
     rendered = {u: render(tokenizer, m) for u, m in messages.items()}
-    base = {"model": str(model_dir), "lora": None}
-    jobs = [{"kind": "generate", "prompts": [rendered[u] for u in users], "gen": greedy(cfg), **base}]
+    base = EngineWeights(str(model_dir))
+    jobs = [EngineJob.generate([rendered[u] for u in users], greedy(cfg), base)]
     p = cfg.preference_dpo
     dpo_users = sample_users(users, p.max_users, p.seed) if p.rounds else []
     if dpo_users:
-        jobs.append({"kind": "generate", "prompts": [rendered[u] for u in dpo_users], "gen": sampling(cfg), **base})
+        jobs.append(EngineJob.generate([rendered[u] for u in dpo_users], sampling(cfg), base))
     outputs = run_isolated(engine_jobs, engine_cfg(cfg, p.seed + 1 if dpo_users else cfg.llm.seed), jobs)
     texts = {u: g[0] for u, g in zip(users, outputs[0], strict=True)}
     return texts, (dict(zip(dpo_users, outputs[1], strict=True)) if dpo_users else None)

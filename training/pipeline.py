@@ -32,12 +32,12 @@ from rundir.writer import RunContents, write_run
 from training import ranking_metrics as M
 from training.base_preferences import PREFERENCE_ROWS, base_preferences, model_folder
 from training.config import PipelineConfig
-from training.data import Dataset, load_dataset
+from training.data import Dataset, prepare_data
 from training.preference_dpo import AlignResult, align_preferences
 from training.report import write_report
 from training.rerank_training import RerankResult, rerank_comparisons, train_reranker
 from training.retriever import rank_targets, score_users
-from training.split import Split, leave_one_out
+from training.split import Split
 from training.stages import (
     Served,
     StageInputs,
@@ -135,10 +135,8 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, status
 def _base_stages(cfg: PipelineConfig, timer: StageTimer) -> _Base:
     """data -> split -> most-popular -> SASRec -> base preference texts -> their vectors -> SASRec with them."""
     with timer("data"):
-        dataset = load_dataset(cfg.data.name, Path(cfg.data.data_dir))
-        split = leave_one_out(dataset.interactions, cfg.data.min_interactions)
-        users = split.ids()[: cfg.max_users] if cfg.max_users else split.ids()
-        catalog = dataset.catalog
+        data = prepare_data(cfg)
+    dataset, split, users, catalog = data.dataset, data.split, data.users, data.dataset.catalog
     test_seqs = _test_sequences(split, users)
     ranks: dict[str, np.ndarray] = {}
     with timer("most_popular"):

@@ -33,7 +33,7 @@ from retrieval.sasrec import SASRec
 from training import ranking_metrics as M
 from training.base_preferences import preference_messages_of
 from training.dpo import train_dpo
-from training.engines import engine_cfg, engine_jobs, greedy, policy, run_isolated, sampling
+from training.engines import EngineJob, engine_cfg, engine_jobs, greedy, policy, run_isolated, sampling
 from training.pairs import PairSet, build_pairs, save_pairs
 from training.retriever import score_users
 from training.reward import reward_inputs, rewards
@@ -179,12 +179,8 @@ def align_preferences(inp: StageInputs, tokenizer: Any, work: Path, timer: Stage
         rounds.append(info)
         if state.samples is None:  # later rounds (and round 1 outside the pipeline) sample here
             with timer(f"dpo_r{r}_sample"):
-                job = {
-                    "kind": "generate",
-                    "prompts": [rendered[u] for u in dpo_users],
-                    "gen": sampling(cfg),
-                    **policy(cfg, inp.model_dir, state.adapter, work),
-                }
+                weights = policy(cfg, inp.model_dir, state.adapter, work)
+                job = EngineJob.generate([rendered[u] for u in dpo_users], sampling(cfg), weights)
                 (state.samples,) = run_isolated(engine_jobs, engine_cfg(cfg, p.seed + r), [job])
         with timer(f"dpo_r{r}_reward"):
             pairs = _pairs(inp, r, state, dpo_users, messages, work, out, info)
@@ -197,11 +193,9 @@ def align_preferences(inp: StageInputs, tokenizer: Any, work: Path, timer: Stage
         out.doc.setdefault("dpo_curves", {})[f"preference round {r}"] = curve_json(result)
         with timer(f"dpo_r{r}_generate"):
             aligned = policy(cfg, inp.model_dir, result.adapter_dir, work)
-            jobs = [{"kind": "generate", "prompts": [rendered[u] for u in users], "gen": greedy(cfg), **aligned}]
+            jobs = [EngineJob.generate([rendered[u] for u in users], greedy(cfg), aligned)]
             if r < p.rounds:  # the next round's samples come from this policy: same engine, one start less
-                jobs.append(
-                    {"kind": "generate", "prompts": [rendered[u] for u in dpo_users], "gen": sampling(cfg), **aligned}
-                )
+                jobs.append(EngineJob.generate([rendered[u] for u in dpo_users], sampling(cfg), aligned))
             generated = run_isolated(engine_jobs, engine_cfg(cfg, p.seed + r + 1), jobs)
             texts = {u: per_user[0] for u, per_user in zip(users, generated[0], strict=True)}
         with timer(f"dpo_r{r}_encode"):

@@ -16,6 +16,8 @@ list's wrong candidates (S-DPO draws 3), never always the same position.
 **Evaluation lists** (validation, test, the cold slice) are the retriever's top K in its order with its
 scores, as the service shows them; a target the retriever missed is not inserted (it scores 0).
 
+:class:`ScoringPrompts` renders lists under their orders into the prompts of one label-scoring engine job.
+
 :func:`hf_label_logprobs` scores prompts with a transformers model exactly as ``llm.engine.score_labels``
 does with vLLM (log-softmax over the label tokens only), so training-side evaluation and serving agree.
 Measured against vLLM (bf16 engine, 20 labels, 6 re-rank prompts): the tiny test model agrees to 0.0015
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from llm.labels import Label
-from llm.prompts import HistoryItem, PromptConfig, natural_title, rerank_messages
+from llm.prompts import HistoryItem, PromptConfig, natural_title, render, rerank_messages
 from llm.scoring import order, rotate
 from retrieval.catalog import Catalog
 from retrieval.sasrec import SASRec
@@ -282,6 +284,31 @@ def dpo_rows(examples: Sequence[RerankExample], rejected: int, seed: int) -> lis
 
 
 # ---- scoring --------------------------------------------------------------------------------------------
+
+
+class ScoringPrompts:
+    """The prompts of one label-scoring engine job, and where each list's orders landed in them (the re-rank
+    stage and the cold-start protocol build theirs here)."""
+
+    def __init__(self, tokenizer: Any, prompt_cfg: PromptConfig) -> None:
+        self.tokenizer, self.prompt_cfg = tokenizer, prompt_cfg
+        self.prompts: list[str] = []
+        self.label_ids: list[list[int]] = []
+        self.slots: dict[str, list[tuple[int, int]]] = {}  # group -> (start, end) per list
+
+    def add(self, group: str, examples: Sequence[RerankExample], order_shifts: Sequence[int]) -> None:
+        """Each list of ``group`` once per cyclic shift in ``order_shifts`` (``RerankExample.shifted_messages``)."""
+        spans = self.slots.setdefault(group, [])
+        for e in examples:
+            start = len(self.prompts)
+            for s in order_shifts:
+                self.prompts.append(render(self.tokenizer, e.shifted_messages(s, self.prompt_cfg)))
+                self.label_ids.append([token for _, token in e.labels])
+            spans.append((start, len(self.prompts)))
+
+    def split(self, scores: list[np.ndarray], group: str) -> list[list[np.ndarray]]:
+        """The job's scores (one per prompt) of ``group``: per list, one per order shown."""
+        return [scores[a:b] for a, b in self.slots.get(group, [])]
 
 
 def hf_label_logprobs(

@@ -15,6 +15,10 @@
 
 Only lists whose target is among the K are scored: re-ordering the K cannot move any other user, who
 keeps the retriever's rank (the same metric, a fraction of the work).
+
+``train_reranker`` composes the steps, each a function with a frozen result: ``rerank_lists`` -> ``RerankLists``,
+``train_adapters`` -> ``RerankAdapters``, ``score_lists`` -> ``ListScores``, ``label_priors`` -> ``LabelPriors``,
+``choose_fusion`` -> ``FusionChoice``; then the rows -> ``RerankResult``.
 """
 
 from __future__ import annotations
@@ -28,14 +32,16 @@ from typing import Any
 import numpy as np
 
 from llm.labels import candidate_labels
-from llm.prompts import history_text, render
+from llm.prompts import history_text
 from llm.scoring import ScoringSpec, estimate_prior, fused_scores, item_logprobs, order, shifts
 from rundir.items import prompt_items
 from training import ranking_metrics as M
-from training.dpo import train_dpo, train_sft
-from training.engines import engine_cfg, engine_jobs, policy, run_isolated
+from training.config import RerankSection
+from training.dpo import TrainResult, train_dpo, train_sft
+from training.engines import EngineJob, engine_cfg, engine_jobs, policy, run_isolated
 from training.rerank import (
     RerankExample,
+    ScoringPrompts,
     dpo_rows,
     evaluation_examples,
     list_positions,
@@ -72,6 +78,8 @@ RERANK_ROWS = (ZERO_SHOT, ZERO_SHOT_DEBIASED, SFT, SFT_DPO, FUSED)
 COLD = " (cold)"
 COLD_RETRIEVER = "served retriever" + COLD
 RERANK_METRICS = ("NDCG@10", "MRR@10")  # re-ordering inside the top K cannot change Recall@K
+MODELS = ("zero-shot", "SFT", "SFT+DPO")  # scored by one engine job each: the base model, then each adapter
+ROW_MODELS = {ZERO_SHOT: "zero-shot", ZERO_SHOT_DEBIASED: "zero-shot", SFT: "SFT", SFT_DPO: "SFT+DPO"}  # row -> model
 
 
 def rerank_comparisons(
@@ -86,7 +94,7 @@ def rerank_comparisons(
     return out + compare(per_user, SFT_DPO, SFT, RERANK_METRICS, n_boot)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RerankLists:
     train: list[RerankExample]  # shuffled lists SFT and DPO train on
     calibration: list[RerankExample]  # shuffled lists not trained on: the label prior
@@ -96,7 +104,7 @@ class RerankLists:
     cold_ranks: np.ndarray | None  # (U,) the served retriever's test ranks on the cut histories
 
 
-@dataclass
+@dataclass(frozen=True)
 class RerankResult:
     """What the re-rank stage made: its rows (full set and cold slice), the adapter, the served scoring."""
 
@@ -104,6 +112,70 @@ class RerankResult:
     adapter: Path  # the SFT+DPO re-rank adapter
     scoring: ScoringSpec  # the label prior, fusion weight and orders the service scores with (llm.json)
     doc: dict[str, Any]  # metrics.json additions ("rerank", "dpo_curves")
+
+
+@dataclass(frozen=True)
+class RerankAdapters:
+    """The re-rank trainings: SFT on the target labels, then DPO continuing the SFT adapter."""
+
+    sft: TrainResult
+    dpo: TrainResult  # its adapter is the one served
+    pairs: int  # DPO pairs trained on
+
+    def info(self) -> dict[str, Any]:
+        """metrics.json "rerank": "sft", "dpo" (with its pairs)."""
+        return {"sft": train_summary(self.sft), "dpo": {**train_summary(self.dpo), "pairs": self.pairs}}
+
+    def curves(self) -> dict[str, Any]:
+        """metrics.json "dpo_curves" of this stage."""
+        return {"rerank SFT": curve_json(self.sft), "rerank SFT+DPO": curve_json(self.dpo)}
+
+
+@dataclass(frozen=True)
+class ListScores:
+    """The engine's label log-probs per model (``MODELS``) and list group ("calibration", "test", "cold",
+    "valid"): per list, one (k,) array per order shown."""
+
+    by_model: dict[str, dict[str, list[list[np.ndarray]]]]
+
+    def of(self, model: str, group: str) -> list[list[np.ndarray]]:
+        return self.by_model[model].get(group, [])
+
+
+@dataclass(frozen=True)
+class LabelPriors:
+    """How each re-rank row reads its model's scores (PriDe's label prior removed or not)."""
+
+    specs: dict[str, ScoringSpec]  # row -> its scoring, no fusion weight yet; log_prior None: not de-biased
+    top_label: dict[str, list[float]]  # row -> share of shuffled calibration lists whose best label is A, B, ...
+
+    def info(self) -> dict[str, list[float] | None]:
+        """metrics.json "rerank": "prior", per row."""
+        return {row: list(s.log_prior) if s.log_prior else None for row, s in self.specs.items()}
+
+
+@dataclass(frozen=True)
+class FusionChoice:
+    """The fusion weight chosen on the validation lists."""
+
+    weights: tuple[float, ...]  # the weights tried (``rerank.fusion_weights``)
+    curve: list[float]  # validation NDCG@10 of the scored lists per weight
+    chosen: float
+
+    def info(self) -> dict[str, Any]:
+        """metrics.json "rerank": "fusion"."""
+        return {"weights": list(self.weights), "valid_ndcg10_of_scored": self.curve, "chosen": self.chosen}
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Lists the rows are measured on: the test lists, or the cold slice's."""
+
+    name: str  # the prompts' group: "test" or "cold"
+    every: list[RerankExample]  # every user's list, in user order
+    scored: list[RerankExample]  # those whose target is among the K
+    base: np.ndarray  # (U,) the served retriever's test ranks on these histories
+    suffix: str  # the rows' name suffix: "" or COLD
 
 
 def rerank_lists(inp: StageInputs, tokenizer: Any, out: Served) -> RerankLists:
@@ -186,28 +258,6 @@ def _hits(examples: Sequence[RerankExample]) -> list[RerankExample]:
     return [e for e in examples if e.target_position is not None]
 
 
-class _Prompts:
-    """The prompts of one engine job, and where each list's orders landed in them."""
-
-    def __init__(self, tokenizer: Any, prompt_cfg: Any) -> None:
-        self.tokenizer, self.prompt_cfg = tokenizer, prompt_cfg
-        self.prompts: list[str] = []
-        self.label_ids: list[list[int]] = []
-        self.slots: dict[str, list[tuple[int, int]]] = {}  # group -> (start, end) per list
-
-    def add(self, group: str, examples: Sequence[RerankExample], order_shifts: Sequence[int]) -> None:
-        spans = self.slots.setdefault(group, [])
-        for e in examples:
-            start = len(self.prompts)
-            for s in order_shifts:
-                self.prompts.append(render(self.tokenizer, e.shifted_messages(s, self.prompt_cfg)))
-                self.label_ids.append([token for _, token in e.labels])
-            spans.append((start, len(self.prompts)))
-
-    def split(self, scores: list[np.ndarray], group: str) -> list[list[np.ndarray]]:
-        return [scores[a:b] for a, b in self.slots.get(group, [])]
-
-
 def _label_histogram(scores: Sequence[np.ndarray], k: int) -> list[float]:
     """Share of lists whose best-scored label is A, B, ... (by position). Not rounded: the shares sum to 1
     (rounded to 4 places, 15 lists' shares summed to 1.0001 on a bf16 engine)."""
@@ -236,10 +286,30 @@ def choose_weight(
 
 def train_reranker(inp: StageInputs, served: Served, tokenizer: Any, work: Path, timer: StageTimer) -> RerankResult:
     """Lists, SFT, DPO, scoring with the prior removed, the fusion weight; rows vs the served retriever."""
-    cfg, rc = inp.cfg, inp.cfg.rerank
-    prompt_cfg = prompt_config(cfg)
+    rc = inp.cfg.rerank
     with timer("rerank_lists"):
         lists = rerank_lists(inp, tokenizer, served)
+    info = _lists_info(lists, rc)
+    adapters = train_adapters(inp, lists, work, timer)
+    with timer("rerank_score"):
+        scores = score_lists(inp, lists, adapters, tokenizer, work)
+    priors = label_priors(scores, rc)
+    groups = _groups(lists, served)
+    llm = _item_scores(scores, priors, groups, rc)
+    fusion = choose_fusion(lists, scores, priors, rc)
+    info |= adapters.info() | {
+        "order": _order_info(llm, groups[0]),
+        "top_label": priors.top_label,
+        "prior": priors.info(),
+        "fusion": fusion.info(),
+    }
+    scoring = ScoringSpec(weight=fusion.chosen, log_prior=priors.specs[SFT_DPO].log_prior, permutations=rc.permutations)
+    ranks = _rerank_rows(groups, llm, fusion.chosen)
+    return RerankResult(ranks, adapters.dpo.adapter_dir, scoring, {"rerank": info, "dpo_curves": adapters.curves()})
+
+
+def _lists_info(lists: RerankLists, rc: RerankSection) -> dict[str, Any]:
+    """metrics.json "rerank": what the lists hold (only lists whose target is among the K are scored)."""
     test, valid, cold = _hits(lists.test), _hits(lists.valid), _hits(lists.cold)
     counts = negative_counts(rc.k, rc.negatives.hard, rc.negatives.popular, rc.negatives.uniform)
     info: dict[str, Any] = {
@@ -265,82 +335,119 @@ def train_reranker(inp: StageInputs, served: Served, tokenizer: Any, work: Path,
         len(lists.test),
         rc.k,
     )
+    return info
+
+
+def train_adapters(inp: StageInputs, lists: RerankLists, work: Path, timer: StageTimer) -> RerankAdapters:
+    """SFT on the training lists' target labels, then DPO continuing the SFT adapter (module text, step 2)."""
+    rc = inp.cfg.rerank
     with timer("rerank_sft"):
         sft = train_sft(inp.model_dir, sft_rows(lists.train), rc.sft, work / "rerank_sft")
     with timer("rerank_dpo"):
         pairs = dpo_rows(lists.train, rc.dpo_rejected, rc.seed)
         dpo = train_dpo(inp.model_dir, pairs, rc.dpo, work / "rerank_dpo", init_adapter=sft.adapter_dir)
-    info["sft"], info["dpo"] = train_summary(sft), train_summary(dpo)
-    info["dpo"]["pairs"] = len(pairs)
-    curves = {"rerank SFT": curve_json(sft), "rerank SFT+DPO": curve_json(dpo)}
+    return RerankAdapters(sft, dpo, len(pairs))
 
+
+def score_lists(
+    inp: StageInputs, lists: RerankLists, adapters: RerankAdapters, tokenizer: Any, work: Path
+) -> ListScores:
+    """One engine job per model (``MODELS``): the calibration lists under cyclic shifts, the scored test and
+    cold lists under ``rerank.permutations`` orders; SFT+DPO also scores the validation lists (the fusion weight)."""
+    cfg, rc = inp.cfg, inp.cfg.rerank
     orders = shifts(rc.k, rc.permutations)
     calibration_shifts = shifts(rc.k, rc.calibration_shifts or rc.k)
-    with timer("rerank_score"):
-        batches = []
-        for name in ("zero-shot", "SFT", "SFT+DPO"):
-            p = _Prompts(tokenizer, prompt_cfg)
-            p.add("calibration", lists.calibration, calibration_shifts)
-            p.add("test", test, orders)
-            p.add("cold", cold, orders)
-            if name == "SFT+DPO":
-                p.add("valid", valid, orders)
-            batches.append(p)
-        adapters = (None, sft.adapter_dir, dpo.adapter_dir)
-        jobs = [
-            {"kind": "score", "prompts": b.prompts, "label_ids": b.label_ids, **policy(cfg, inp.model_dir, a, work)}
-            for b, a in zip(batches, adapters, strict=True)
-        ]
-        raw = run_isolated(engine_jobs, engine_cfg(cfg), jobs)
+    prompt_cfg = prompt_config(cfg)
+    batches = []
+    for name in MODELS:
+        p = ScoringPrompts(tokenizer, prompt_cfg)
+        p.add("calibration", lists.calibration, calibration_shifts)
+        p.add("test", _hits(lists.test), orders)
+        p.add("cold", _hits(lists.cold), orders)
+        if name == "SFT+DPO":
+            p.add("valid", _hits(lists.valid), orders)
+        batches.append(p)
+    weights = (None, adapters.sft.adapter_dir, adapters.dpo.adapter_dir)
+    jobs = [
+        EngineJob.score(b.prompts, b.label_ids, policy(cfg, inp.model_dir, a, work))
+        for b, a in zip(batches, weights, strict=True)
+    ]
+    raw = run_isolated(engine_jobs, engine_cfg(cfg), jobs)
+    return ListScores(
+        {name: {g: b.split(r, g) for g in b.slots} for name, b, r in zip(MODELS, batches, raw, strict=True)}
+    )
 
-    groups = [("test", test, lists.test, served.ranks, "")]
-    if lists.cold_ranks is not None:
-        groups.append(("cold", cold, lists.cold, lists.cold_ranks, COLD))
-    variants = {  # row -> (engine batch, de-biased?)
-        ZERO_SHOT: (0, False),
-        ZERO_SHOT_DEBIASED: (0, True),
-        SFT: (1, rc.debias == "pride"),
-        SFT_DPO: (2, rc.debias == "pride"),
-    }
-    info["order"], info["top_label"], info["prior"] = {}, {}, {}
-    rows: dict[str, dict[str, np.ndarray]] = {"": {}, COLD: {}}  # full set, cold slice
-    llm_scores: dict[tuple[str, str], list[np.ndarray]] = {}
-    specs: dict[str, ScoringSpec] = {}
-    for row, (b, debiased) in variants.items():
-        calibration = batches[b].split(raw[b], "calibration")
-        prior = tuple(estimate_prior(calibration).round(6)) if debiased else None
+
+def label_priors(scores: ListScores, rc: RerankSection) -> LabelPriors:
+    """Each row's scoring: PriDe's label prior estimated on its model's calibration lists and removed, for the
+    zero-shot de-biased row and (``rerank.debias: pride``) the trained rows."""
+    debiased = {ZERO_SHOT: False, ZERO_SHOT_DEBIASED: True, SFT: rc.debias == "pride", SFT_DPO: rc.debias == "pride"}
+    specs, top_label = {}, {}
+    for row, model in ROW_MODELS.items():
+        calibration = scores.of(model, "calibration")
+        prior = tuple(estimate_prior(calibration).round(6)) if debiased[row] else None
         spec = specs[row] = ScoringSpec(weight=None, log_prior=prior, permutations=rc.permutations)
-        info["prior"][row] = list(prior) if prior else None
         # where the top answer falls on the shuffled calibration lists (each shift a list): the label prior
         shown = [item_logprobs([s], [0], spec) for per in calibration for s in per]
-        info["top_label"][row] = _label_histogram(shown, rc.k)
-        for group, scored, every, base, suffix in groups:
-            scores = llm_scores[row, group] = [
-                item_logprobs(per, orders, spec) for per in batches[b].split(raw[b], group)
-            ]
-            rows[suffix][row + suffix] = _rerank_ranks(base, every, scored, scores)
-            if group == "test":
-                info["order"][row] = order_stats(scores, [e.target_position for e in scored])
+        top_label[row] = _label_histogram(shown, rc.k)
+    return LabelPriors(specs, top_label)
 
-    # the fusion weight, on validation lists only
-    valid_scores = [item_logprobs(per, orders, specs[SFT_DPO]) for per in batches[2].split(raw[2], "valid")]
+
+def choose_fusion(lists: RerankLists, scores: ListScores, priors: LabelPriors, rc: RerankSection) -> FusionChoice:
+    """The fusion weight of SFT+DPO, on the validation lists only (``choose_weight``)."""
+    valid = _hits(lists.valid)
+    orders = shifts(rc.k, rc.permutations)
+    valid_scores = [item_logprobs(per, orders, priors.specs[SFT_DPO]) for per in scores.of("SFT+DPO", "valid")]
     weight, curve = choose_weight(valid, valid_scores, rc.fusion_weights)
-    info["fusion"] = {"weights": list(rc.fusion_weights), "valid_ndcg10_of_scored": curve, "chosen": weight}
     log.info(
         "re-rank: fusion weight %g chosen on %d validation lists (NDCG@10 by weight: %s)", weight, len(valid), curve
     )
-    for group, scored, every, base, suffix in groups:
+    return FusionChoice(tuple(rc.fusion_weights), curve, weight)
+
+
+def _groups(lists: RerankLists, served: Served) -> list[_Group]:
+    """The groups the rows are measured on: the test lists, and the cold slice's when it is on."""
+    groups = [_Group("test", lists.test, _hits(lists.test), served.ranks, "")]
+    if lists.cold_ranks is not None:
+        groups.append(_Group("cold", lists.cold, _hits(lists.cold), lists.cold_ranks, COLD))
+    return groups
+
+
+def _item_scores(
+    scores: ListScores, priors: LabelPriors, groups: Sequence[_Group], rc: RerankSection
+) -> dict[tuple[str, str], list[np.ndarray]]:
+    """(row, group) -> per scored list, the (K,) item scores: its model's label log-probs read by the row's
+    scoring and averaged over the ``rerank.permutations`` orders."""
+    orders = shifts(rc.k, rc.permutations)
+    return {
+        (row, g.name): [item_logprobs(per, orders, priors.specs[row]) for per in scores.of(model, g.name)]
+        for row, model in ROW_MODELS.items()
+        for g in groups
+    }
+
+
+def _order_info(llm: dict[tuple[str, str], list[np.ndarray]], test: _Group) -> dict[str, dict[str, float]]:
+    """metrics.json "rerank": "order", per row: how its order on the test lists relates to the retriever's."""
+    targets = [e.target_position for e in test.scored]
+    return {row: order_stats(llm[row, test.name], targets) for row in ROW_MODELS}
+
+
+def _rerank_rows(
+    groups: Sequence[_Group], llm: dict[tuple[str, str], list[np.ndarray]], weight: float
+) -> dict[str, np.ndarray]:
+    """Test ranks per row: every re-rank row on the full set, then the cold slice's retriever and its rows."""
+    ranks: dict[str, np.ndarray] = {}
+    for g in groups:
+        if g.suffix == COLD:  # the cold slice's retriever row heads its rows
+            ranks[COLD_RETRIEVER] = g.base
+        for row in ROW_MODELS:
+            ranks[row + g.suffix] = _rerank_ranks(g.base, g.every, g.scored, llm[row, g.name])
         fused = [
             fused_scores(np.asarray(e.retriever_scores), s, weight)
-            for e, s in zip(scored, llm_scores[SFT_DPO, group], strict=True)
+            for e, s in zip(g.scored, llm[SFT_DPO, g.name], strict=True)
         ]
-        rows[suffix][FUSED + suffix] = _rerank_ranks(base, every, scored, fused)
-    ranks = dict(rows[""])
-    if lists.cold_ranks is not None:
-        ranks[COLD_RETRIEVER] = lists.cold_ranks
-        ranks.update(rows[COLD])
-    scoring = ScoringSpec(weight=weight, log_prior=specs[SFT_DPO].log_prior, permutations=rc.permutations)
-    return RerankResult(ranks, dpo.adapter_dir, scoring, {"rerank": info, "dpo_curves": curves})
+        ranks[FUSED + g.suffix] = _rerank_ranks(g.base, g.every, g.scored, fused)
+    return ranks
 
 
 def _rerank_ranks(

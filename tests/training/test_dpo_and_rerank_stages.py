@@ -141,7 +141,7 @@ def test_merged_policy_is_a_float32_model_folder(tmp_path: Path, tiny_llm_dir: P
     from transformers import AutoModelForCausalLM
 
     from training.dpo import ADAPTER_DIR
-    from training.engines import policy
+    from training.engines import EngineWeights, policy
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.float32)
     lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
@@ -149,19 +149,16 @@ def test_merged_policy_is_a_float32_model_folder(tmp_path: Path, tiny_llm_dir: P
     lora.save_pretrained(str(adapter))
     expected = lora.merge_and_unload().state_dict()
     cfg = from_dict({"llm": {"model": str(tiny_llm_dir)}})
-    assert policy(cfg, tiny_llm_dir, None, tmp_path) == {"model": str(tiny_llm_dir), "lora": None}
+    assert policy(cfg, tiny_llm_dir, None, tmp_path) == EngineWeights(str(tiny_llm_dir), None)
     got = policy(cfg, tiny_llm_dir, adapter, tmp_path)
-    assert got["lora"] is None and got["model"] != str(tiny_llm_dir)
-    merged = AutoModelForCausalLM.from_pretrained(got["model"])
+    assert got.lora is None and got.model != str(tiny_llm_dir)
+    merged = AutoModelForCausalLM.from_pretrained(got.model)
     assert merged.dtype == torch.float32  # a bf16 merge would round a small LoRA update away
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(merged.state_dict()[name], expected[name])
     assert policy(cfg, tiny_llm_dir, adapter, tmp_path) == got  # merged once, reused
     lora_cfg = from_dict({"llm": {"model": str(tiny_llm_dir), "engine_adapters": "lora"}})
-    assert policy(lora_cfg, tiny_llm_dir, adapter, tmp_path) == {
-        "model": str(tiny_llm_dir),
-        "lora": str(adapter),
-    }
+    assert policy(lora_cfg, tiny_llm_dir, adapter, tmp_path) == EngineWeights(str(tiny_llm_dir), str(adapter))
 
 
 def test_sample_users_is_seeded_and_keeps_order() -> None:
