@@ -186,6 +186,10 @@ class RerankSection:
     # Fusion weights tried on validation users (0 = the retriever alone: the service then skips the LLM).
     fusion_weights: list[float] = field(default_factory=lambda: [0.0, 0.125, 0.25, 0.5, 1.0, 2.0])
     cold_items: int = 3  # the cold slice: test users with only their newest N items (0 = no cold slice)
+    # Training lists of the cold kind added to SFT and DPO (training/rerank_training.py), from positions neither
+    # trained nor calibrated on: the newest cold_items items before t (3 when cold_items is 0), their history
+    # text as the preference (the service's stand-in), K-1 uniform negatives (not the retriever's). 0 = none.
+    cold_lists: int = 0
     sft: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     dpo: DPOTrainConfig = field(default_factory=_rerank_dpo_default)  # continues the SFT adapter
 
@@ -216,6 +220,8 @@ class RerankSection:
             )
         if self.cold_items < 0:
             raise ValueError(f"rerank.cold_items must be >= 0 (0 = no cold slice), got {self.cold_items}")
+        if self.cold_lists < 0:
+            raise ValueError(f"rerank.cold_lists must be >= 0 (0 = no lists of the cold kind), got {self.cold_lists}")
 
 
 @dataclass

@@ -11,7 +11,10 @@ the target plus K-1 negatives drawn from a mix (the retriever's highest-ranked w
 prefix, popularity-sampled, uniform; never an item of the prefix, nor the user's validation or test
 item), **shuffled** with a seeded generator, so the target's label is uniform over A..K and position
 carries no signal. DPO pairs: chosen = the target's label, rejected = labels drawn at random from the
-list's wrong candidates (S-DPO draws 3), never always the same position.
+list's wrong candidates (S-DPO draws 3), never always the same position. Lists of the **cold kind**
+(``training_lists(cut=...)``, ``rerank.cold_lists``) are built the same way with what a cold request shows: the
+newest few items and their history text as the preference, and K-1 uniform negatives (candidates the
+retriever cannot tell apart).
 
 **Evaluation lists** (validation, test, the cold slice) are the retriever's top K in its order with its
 scores, as the service shows them; a target the retriever missed is not inserted (it scores 0).
@@ -37,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from llm.labels import Label
-from llm.prompts import HistoryItem, PromptConfig, natural_title, render, rerank_messages
+from llm.prompts import HistoryItem, PromptConfig, history_text, natural_title, render, rerank_messages
 from llm.scoring import order, rotate
 from retrieval.catalog import Catalog
 from retrieval.sasrec import SASRec
@@ -189,16 +192,31 @@ def training_lists(
     prompt_cfg: PromptConfig,
     counts: tuple[int, int, int],
     seed: int,
+    cut: int = 0,
 ) -> list[RerankExample]:
     """One shuffled list per (user, t) in ``positions``; ``ranked[f"{user}@{t}"]``: the retriever's
-    items for that prefix, best first; ``banned[user]``: the validation and test items."""
+    items for that prefix, best first; ``banned[user]``: the validation and test items.
+
+    ``cut`` > 0 makes lists of the cold kind: the prompt shows only the newest ``cut`` items of the prefix and,
+    as the preference, their history text (``stand_in_text``; ``preferences`` unused). Negatives still avoid
+    the whole prefix."""
     out = []
     for user, t in positions:
         prefix, target = list(train[user][:t]), int(train[user][t])
         rng = _rng(seed, user, t)
         shown = draw_list(target, {*prefix, *banned[user]}, ranked[f"{user}@{t}"], popularity, counts, rng)
-        out.append(_example(catalog, user, prefix, shown, target, preferences.get(user, ""), labels, prompt_cfg))
+        history, preference = prefix, preferences.get(user, "")
+        if cut:
+            history = prefix[-cut:]
+            preference = stand_in_text(catalog, history, prompt_cfg)
+        out.append(_example(catalog, user, history, shown, target, preference, labels, prompt_cfg))
     return out
+
+
+def stand_in_text(catalog: Catalog, history: Sequence[int], prompt_cfg: PromptConfig) -> str:
+    """The history's text (``llm.prompts.history_text``): the preference the service sends on a cache miss,
+    and the cold slice's and cold training lists' preference."""
+    return history_text(prompt_items(catalog, history), prompt_cfg)
 
 
 def _example(

@@ -1,9 +1,11 @@
 """The re-rank stage (SPEC section 1; LlamaRec's verbalizer, Yue et al., arXiv 2311.02089).
 
 1. Lists (``training.rerank``): shuffled training lists from every user's newest training positions
-   (a seeded sample of ``rerank.train_lists`` trains, calibration lists come from the rest); evaluation
-   lists, the served retriever's top K in its order with its scores, for the validation step, the test
-   step and the cold slice (the test step with only the newest ``rerank.cold_items`` items).
+   (a seeded sample of ``rerank.train_lists`` trains, calibration lists come from the rest, and
+   ``rerank.cold_lists`` more of the rest train as lists of the cold kind: the newest few items, their
+   history text as the preference, uniform negatives); evaluation lists, the served retriever's top K in its
+   order with its scores, for the validation step, the test step and the cold slice (the test step with
+   only the newest ``rerank.cold_items`` items).
 2. SFT on the target's label, then DPO continuing the SFT adapter (chosen = the target's label,
    rejected = random wrong labels of the list); one rerank adapter on the base model.
 3. Scoring, per model (zero-shot, SFT, SFT+DPO), one engine each: the calibration lists under cyclic
@@ -32,9 +34,7 @@ from typing import Any
 import numpy as np
 
 from llm.labels import candidate_labels
-from llm.prompts import history_text
 from llm.scoring import ScoringSpec, estimate_prior, fused_scores, item_logprobs, order, shifts
-from rundir.items import prompt_items
 from training import ranking_metrics as M
 from training.config import RerankSection
 from training.dpo import TrainResult, train_dpo, train_sft
@@ -49,6 +49,7 @@ from training.rerank import (
     order_stats,
     retrieve,
     sft_rows,
+    stand_in_text,
     training_lists,
 )
 from training.retriever import score_users
@@ -67,6 +68,7 @@ from training.stages import (
 
 log = logging.getLogger(__name__)
 
+COLD_TRAIN_ITEMS = 3  # the cold training lists' history when rerank.cold_items is 0 (the service's new_users_3)
 ZERO_SHOT, ZERO_SHOT_DEBIASED, SFT, SFT_DPO = (
     "LLM re-rank zero-shot",
     "LLM re-rank zero-shot, de-biased",
@@ -102,6 +104,7 @@ class RerankLists:
     test: list[RerankExample]  # retriever order: train + valid -> test item
     cold: list[RerankExample]  # retriever order: the newest cold_items of train + valid -> test item
     cold_ranks: np.ndarray | None  # (U,) the served retriever's test ranks on the cut histories
+    cold_train: int = 0  # the last cold_train of train are of the cold kind (rerank.cold_lists)
 
 
 @dataclass(frozen=True)
@@ -197,10 +200,11 @@ def rerank_lists(inp: StageInputs, tokenizer: Any, out: Served) -> RerankLists:
     keys = [f"{u}@{t}" for u, t in pool]
     picked = set(sample_users(keys, rc.train_lists, rc.seed))
     rest = [p for p, key in zip(pool, keys, strict=True) if key not in picked]
-    calibration = [
-        rest[i] for i in sorted(np.random.default_rng(rc.seed + 1).permutation(len(rest))[: rc.calibration_lists])
-    ]
+    calibration = _draw(rest, rc.calibration_lists, rc.seed + 1)
     chosen = [p for p, key in zip(pool, keys, strict=True) if key in picked]
+    calibrated = set(calibration)
+    spare = [p for p in rest if p not in calibrated]  # neither trained nor calibrated on
+    cold_positions = _draw(spare, rc.cold_lists, rc.seed + 2)
     wanted = chosen + calibration
     n_hard = negative_counts(rc.k, rc.negatives.hard, rc.negatives.popular, rc.negatives.uniform)
     ranked_keys = [f"{u}@{t}" for u, t in wanted]
@@ -226,6 +230,21 @@ def rerank_lists(inp: StageInputs, tokenizer: Any, out: Served) -> RerankLists:
     )
     train_lists_ = training_lists(catalog, chosen, *args)
     calibration_lists = training_lists(catalog, calibration, *args)
+    # the cold kind: the newest items and their stand-in text, K-1 uniform negatives (the retriever's unused)
+    cold_train = training_lists(
+        catalog,
+        cold_positions,
+        train,
+        banned,
+        {f"{u}@{t}": [] for u, t in cold_positions},
+        popularity,
+        {},
+        labels,
+        prompt_cfg,
+        (0, 0, rc.k - 1),
+        rc.seed,
+        cut=rc.cold_items or COLD_TRAIN_ITEMS,
+    )
 
     # evaluation lists in the served retriever's order
     def evaluation(
@@ -246,12 +265,17 @@ def rerank_lists(inp: StageInputs, tokenizer: Any, out: Served) -> RerankLists:
     cold_ranks = None
     if rc.cold_items:  # the same users, newest cold_items items; a history-text stand-in for the preference
         cut = {u: served_seqs[u][-rc.cold_items :] for u in inp.users}
-        stand_in = {u: history_text(prompt_items(catalog, cut[u]), prompt_cfg) for u in inp.users}
+        stand_in = {u: stand_in_text(catalog, cut[u], prompt_cfg) for u in inp.users}
         vectors = inp.encoder.encode([stand_in[u] for u in inp.users])
         cold_prefs = {u: vectors[i] for i, u in enumerate(inp.users)}
         cold = evaluation(cut, tests, cold_prefs, stand_in, seen=served_seqs)  # seen items stay excluded
         cold_ranks = ranks_on_test(score_users(retriever, cut, cold_prefs, inp.users), split, inp.users)
-    return RerankLists(train_lists_, calibration_lists, valid, test, cold, cold_ranks)
+    return RerankLists(train_lists_ + cold_train, calibration_lists, valid, test, cold, cold_ranks, len(cold_train))
+
+
+def _draw(pool: Sequence[tuple[str, int]], n: int, seed: int) -> list[tuple[str, int]]:
+    """``n`` positions of ``pool`` drawn without replacement (seeded), kept in pool order; all when fewer."""
+    return [pool[i] for i in sorted(np.random.default_rng(seed).permutation(len(pool))[:n])]
 
 
 def _hits(examples: Sequence[RerankExample]) -> list[RerankExample]:
@@ -318,6 +342,7 @@ def _lists_info(lists: RerankLists, rc: RerankSection) -> dict[str, Any]:
         "scored_users": len(test),
         "candidate_recall": len(test) / max(len(lists.test), 1),
         "train_lists": len(lists.train),
+        "cold_train_lists": lists.cold_train,
         "train_users": len({e.user_id for e in lists.train}),
         "negatives": dict(zip(("hard", "popular", "uniform"), counts, strict=True)),
         "train_target_labels": np.bincount([e.target_position for e in lists.train], minlength=rc.k).tolist(),
@@ -328,8 +353,10 @@ def _lists_info(lists: RerankLists, rc: RerankSection) -> dict[str, Any]:
         "permutations": rc.permutations,
     }
     log.info(
-        "re-rank: %d training lists from %d users; %d of %d test items among the top %d (only those are scored)",
+        "re-rank: %d training lists (%d of the cold kind) from %d users; %d of %d test items among the top %d "
+        "(only those are scored)",
         len(lists.train),
+        lists.cold_train,
         info["train_users"],
         len(test),
         len(lists.test),

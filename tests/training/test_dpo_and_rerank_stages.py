@@ -128,6 +128,8 @@ def test_config_errors_say_what_to_fix() -> None:
         from_dict({"preference_dpo": {"train": {"beta": 0}}})
     with pytest.raises(ValueError, match=r"rerank\.k"):
         from_dict({"rerank": {"k": 100}})
+    with pytest.raises(ValueError, match=r"rerank\.cold_lists must be >= 0"):
+        from_dict({"rerank": {"cold_lists": -1}})
     with pytest.raises(ValueError, match="no-LLM control: it needs preference_dpo.rounds=0"):
         from_dict({"llm": {"preference_source": "history"}, "preference_dpo": {"rounds": 1}})
     with pytest.raises(ValueError, match="preference_source must be llm or history"):

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from llm.labels import candidate_labels, parse_label
-from llm.prompts import PromptConfig, render
+from llm.prompts import PromptConfig, history_text, render
 from llm.scoring import ScoringSpec, fused_scores, item_logprobs, order
 from retrieval.catalog import Catalog, Item
+from rundir.items import prompt_items
 from training.rerank import (
     RerankExample,
     dpo_rows,
@@ -111,6 +112,18 @@ def test_training_lists_never_hold_a_validation_or_test_item(smollm2_tokenizer: 
         assert f"Film {train['u'][t - 1]}" in text and "Likes comedy." in text  # the prefix's newest item
         assert f"{e.target_label}. Film {e.target}" in text
     assert [e.candidates for e in build()] == [e.candidates for e in lists]  # seeded: rebuilt lists are the same
+
+
+def test_cold_kind_shows_the_newest_cut_items_and_their_history_text(smollm2_tokenizer: Any) -> None:
+    cat, cfg = catalog(), PromptConfig(max_recent=1)
+    train, banned, positions = {"u": [1, 2, 3, 4, 5, 6, 7, 8]}, {"u": [9, 10]}, [("u", t) for t in (5, 6, 7)]
+    no_hard = {f"u@{t}": [] for _, t in positions}
+    labels = candidate_labels(smollm2_tokenizer, 6)
+    lists = training_lists(cat, positions, train, banned, no_hard, np.ones(31), {}, labels, cfg, (0, 0, 5), 0, cut=2)
+    for (_, t), e in zip(positions, lists, strict=True):
+        assert e.preference == history_text(prompt_items(cat, train["u"][t - 2 : t]), cfg)
+        assert [i.title for i in e.recent] == [f"Film {train['u'][t - 1]}"]
+        assert not set(e.candidates) & {9, 10, *train["u"][:t]} and e.candidates[e.target_position] == e.target
 
 
 def test_retrieve_is_the_retrievers_top_k_without_seen_items() -> None:
@@ -377,8 +390,9 @@ def test_vllm_serves_the_trained_adapter_with_the_same_scores(
 # ---- the job's lists and the fusion weight ----------------------------------------------------------
 
 
-def _job_inputs(tests: dict[str, int]) -> tuple[Any, Any]:
-    """StageInputs/Served over 8 users of a 30-item catalog, a seeded untrained preference-fused SASRec."""
+def _job_inputs(tests: dict[str, int], **rerank: Any) -> tuple[Any, Any]:
+    """StageInputs/Served over 8 users of a 30-item catalog, a seeded untrained preference-fused SASRec;
+    ``rerank``: settings over the job's."""
     from retrieval.sasrec import SASRec, SASRecConfig
     from training.config import from_dict
     from training.split import Split, UserSplit
@@ -411,6 +425,7 @@ def _job_inputs(tests: dict[str, int]) -> tuple[Any, Any]:
                 "calibration_lists": 3,
                 "cold_items": 0,
                 "recent_items": 2,
+                **rerank,
             }
         }
     )
@@ -449,6 +464,41 @@ def test_job_lists_hold_no_held_out_item_and_validation_lists_ignore_the_test_it
         (e.candidates, e.retriever_scores) for e in b.valid
     ]
     assert [(e.user_id, e.target) for e in a.train] == [(e.user_id, e.target) for e in b.train]
+
+
+def test_cold_lists_are_the_cold_slices_prompt_with_uniform_negatives(smollm2_tokenizer: Any) -> None:
+    """rerank.cold_lists adds lists of the cold kind to the training lists, from positions neither trained nor
+    calibrated on: the newest items only, their history text as the preference, negatives never from the
+    history nor the validation/test items, the target's label spread; every other list stays as with 0."""
+    from training.rerank_training import COLD_TRAIN_ITEMS, _lists_info, rerank_lists
+    from training.stages import prompt_config
+
+    tests = {f"u{i}": (3 * i + 9) % 30 + 1 for i in range(8)}
+    inp_0, out_0 = _job_inputs(tests, positions_per_user=4)  # 32 positions: 6 train, 3 calibrate, 23 spare
+    base = rerank_lists(inp_0, smollm2_tokenizer, out_0)
+    inp, out = _job_inputs(tests, positions_per_user=4, cold_lists=20)
+    got = rerank_lists(inp, smollm2_tokenizer, out)
+    assert base.cold_train == 0 and got.cold_train == 20 and len(got.train) == len(base.train) + 20
+    assert _lists_info(got, inp.cfg.rerank)["cold_train_lists"] == 20
+
+    def shown(lists: list[RerankExample]) -> list[tuple[str, list[int], int | None, str]]:
+        return [(e.user_id, e.candidates, e.target_position, e.preference) for e in lists]
+
+    warm, cold = got.train[:-20], got.train[-20:]
+    assert shown(warm) == shown(base.train) and shown(got.calibration) == shown(base.calibration)
+    assert shown(got.valid) == shown(base.valid) and shown(got.test) == shown(base.test)
+    used = {(e.user_id, e.target) for e in [*base.train, *base.calibration]}
+    prompt_cfg = prompt_config(inp.cfg)
+    for e in cold:
+        user = inp.split.users[e.user_id]
+        prefix = user.train[: user.train.index(e.target)]
+        assert (e.user_id, e.target) not in used and len(prefix) > COLD_TRAIN_ITEMS
+        newest = prompt_items(inp.catalog, prefix[-COLD_TRAIN_ITEMS:])
+        assert e.preference == history_text(newest, prompt_cfg) != "Likes comedies."
+        assert e.preference != history_text(prompt_items(inp.catalog, prefix[-COLD_TRAIN_ITEMS - 1 :]), prompt_cfg)
+        assert not set(e.candidates) & {*prefix, user.valid, user.test}
+        assert len(set(e.candidates)) == 5 and e.candidates[e.target_position] == e.target
+    assert len({e.target_position for e in cold}) > 1  # shuffled: the label carries no signal
 
 
 def test_fusion_weight_is_chosen_on_validation_lists_and_ties_go_to_zero(examples: list[RerankExample]) -> None:
