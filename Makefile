@@ -4,10 +4,11 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .install.stamp
 RUN ?= runs/default
-# The first run trains in minutes (training/configs/quick.yaml); the whole default run then trains in the
-# background at nice 19 and is rolled out live when it lands (BACKGROUND_CONFIG= to skip it).
+# The first run trains in minutes (training/configs/quick.yaml); the whole DPO chain on every user
+# (training/configs/chain.yaml) then trains in the background at nice 19 and is rolled out live when it lands
+# (BACKGROUND_CONFIG=default for the run without DPO, BACKGROUND_CONFIG= to skip it).
 CONFIG ?= quick
-BACKGROUND_CONFIG ?= default
+BACKGROUND_CONFIG ?= chain
 HOST ?= 127.0.0.1
 PORT ?= 8000
 # `python -m dpo4rec`, not the `dpo4rec` console script: on pyenv a script pip has just installed is not

@@ -84,7 +84,7 @@ class DrillConfig:
     baseline_s: float = 30.0  # load with no swap, before the swaps
     gap_s: float = 8.0  # between two reloads
     drills: tuple[str, ...] = ("rollout", "kill")  # and "redis"
-    api_nice: int | None = None  # DPO4REC_API_NICE of the service (None: its default, 19)
+    api_nice: int | None = None  # DPO4REC_API_NICE of the service (None: its default, 0 since 2026-12-06)
     kill_at_s: float = 20.0  # load before the kill
     kill_after_s: float = 120.0  # load after it (an engine start took 40-65 s quiet, 54-97 s loaded)
     redis_at_s: float = 20.0  # load before the Redis stop
@@ -675,6 +675,7 @@ async def drill(cfg: DrillConfig, work: Path) -> dict[str, Any]:
     if "redis" in cfg.drills:  # a redis-server the drill can stop (the embedded one is the service's child)
         from service.redis_server import EmbeddedRedis
 
+        (work / "redis").mkdir()
         redis = EmbeddedRedis(work / "redis")
         await redis.start()
     for weight in weights:

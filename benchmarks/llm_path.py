@@ -393,8 +393,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--miss-rate", type=float, default=1.0, help="req/s of the miss/hit phase")
     p.add_argument("--miss-duration", type=float, default=60.0, help="seconds of the miss/hit phase")
     p.add_argument(
-        "--api-nice", type=lambda t: [int(x) for x in t.split(",") if x], default=[19],
-        help="DPO4REC_API_NICE of each service to measure, comma-separated (19: as served)",
+        "--api-nice", type=lambda t: [int(x) for x in t.split(",") if x], default=[0],
+        help="DPO4REC_API_NICE of each service to measure, comma-separated (0: as served since 2026-12-06)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path("/tmp/dpo4rec-llm-path"), help="the service's log")

@@ -200,13 +200,12 @@ class Settings(BaseSettings):
         "null: torch's default (every core, competing with the engine)",
     )
     api_nice: int = Field(
-        19,
+        0,
         ge=0,
         le=19,
-        description="niceness added to the API process once an in-process re-rank engine runs: on shared cores the "
-        "engine "
-        "keeps its share under a burst of fast answers; not at fusion weight 0, where it halved the retrieval "
-        "path's rate (0: off)",
+        description="niceness added to the API process once an in-process re-rank engine runs (0: none). 19 until "
+        "2026-12-06 (closed-loop goodput); open-loop it gained nothing, broke the deadline at 5 req/s and starved "
+        "/readyz while an engine restarted (docs/DECISIONS.md)",
     )
     preference_engine_nice: int = Field(
         10,
