@@ -70,7 +70,7 @@ class AnswerPoster(Poster):
     def __init__(self, cfg: LoadConfig):
         super().__init__(cfg)
         self.answers: dict[bytes, dict[str, Any]] = {}
-        self.sources: list[tuple[bytes, str | None]] = []  # (body, preference_source) in answer order
+        self.sources: dict[bytes, tuple[str | None, dict[str, float]]] = {}  # body -> (preference_source, timings)
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
         status, content = await super().post(body)
@@ -79,7 +79,7 @@ class AnswerPoster(Poster):
                 answer = json.loads(content)
             except ValueError:
                 answer = {}
-            self.sources.append((body, answer.get("preference_source")))
+            self.sources[body] = (answer.get("preference_source"), answer.get("timings_ms") or {})
             if answer.get("prompt_tokens") is not None or body not in self.answers:
                 self.answers[body] = answer  # an LLM-scored answer carries the prompts the bare side must send
         return status, content
@@ -258,7 +258,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if job is not None:
                     await score_job(engine, job, lora, f"warm-{uuid.uuid4().hex[:8]}")
             report["load"].append(load_now("sweep start"))
-            for i, rate in enumerate(args.rates):
+            for i, rate in enumerate(args.rates if not args.only_miss_hit else []):
                 n = len(arrival_times(rate, cfg.duration_s, cfg.burstiness, args.seed + i))
                 bodies = bodies_for(run_dir, users, n, args.seed + i, k, args.deadline_ms)
                 row: dict[str, Any] = {"rate": rate}
@@ -289,7 +289,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await side.client.aclose()
             if side.server is not None:
                 side.server.stop()
-    report["headline"] = {side.name: headline(report, side.name, args.deadline_ms) for side in services}
+    if report["levels"]:
+        report["headline"] = {side.name: headline(report, side.name, args.deadline_ms) for side in services}
     return report
 
 
@@ -326,15 +327,17 @@ async def miss_hit(
 
     poster.sources.clear()
     shots, _ = await send_level(poster, bodies, offsets, cfg.drain_cap_s)
-    source = dict(poster.sources)
     kinds: dict[str, list[float]] = {"miss": [], "hit": []}
+    stages: dict[str, list[dict[str, float]]] = {"miss": [], "hit": []}
     scored: dict[str, int] = {"miss": 0, "hit": 0}
     for i, shot in enumerate(shots):
-        if not shot.ok or shot.latency_ms is None:
+        if not shot.ok or shot.latency_ms is None or bodies[i] not in poster.sources:
             continue
-        kind = {"history": "miss", "cache": "hit", "run": "hit"}.get(source.get(bodies[i]) or "")
+        source, timings = poster.sources[bodies[i]]
+        kind = {"history": "miss", "cache": "hit", "run": "hit"}.get(source or "")
         if kind:
             kinds[kind].append(shot.latency_ms)
+            stages[kind].append(timings)
             scored[kind] += int(shot.prompt_tokens is not None)
     out: dict[str, Any] = {"rate": args.miss_rate, "duration_s": args.miss_duration}
     for kind, values in kinds.items():
@@ -343,6 +346,11 @@ async def miss_hit(
             "llm_scored": scored[kind],
             "p50_ms": statistics.median(values) if values else None,
             "p90_ms": percentile(values, 90) if values else None,
+            # the service's own stage times (timings_ms of the answers), median per stage: where a miss's time goes
+            "stage_p50_ms": {
+                stage: statistics.median(t[stage] for t in stages[kind] if stage in t)
+                for stage in sorted({k for t in stages[kind] for k in t})
+            },
         }
     if out["miss"]["p50_ms"] and out["hit"]["p50_ms"]:
         out["miss_over_hit_p50"] = out["miss"]["p50_ms"] / out["hit"]["p50_ms"]
@@ -396,6 +404,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--api-nice", type=lambda t: [int(x) for x in t.split(",") if x], default=[0],
         help="DPO4REC_API_NICE of each service to measure, comma-separated (0: as served since 2026-12-06)",
     )  # fmt: skip
+    p.add_argument("--only-miss-hit", action="store_true", help="no sweep: the miss/hit phase alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path("/tmp/dpo4rec-llm-path"), help="the service's log")
     p.add_argument("--out", type=Path, help="JSON summary (no per-request rows)")

@@ -52,14 +52,14 @@ def train(
     """Run the offline pipeline: data, preferences, retrievers, index, evaluation, report. Into a run root (an
     OUT with a current pointer, or --root), the run becomes a new version and current moves to it."""
     _setup(verbose)
-    from rundir.versions import is_root, publish, version_prefix
+    from rundir.versions import STAMP, is_root, publish, version_prefix
     from training.config import load_config
     from training.pipeline import run_pipeline
 
     cfg = load_config(config, set_)
     root = None
     if is_root(out) or root_dir:  # a run root: the run is a new version in it, and current moves when it is whole
-        root, out = out, out / f"{version_prefix(config)}{time.strftime('%Y%m%d-%H%M%S')}"
+        root, out = out, out / f"{version_prefix(config)}{time.strftime(STAMP)}"
     doc = run_pipeline(cfg, out, overwrite=overwrite, status=status)
     if root is not None:
         publish(root, out.name)

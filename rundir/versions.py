@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from rundir.manifest import MANIFEST, RunDirError, atomic_write_text
@@ -27,8 +28,17 @@ HISTORY = ".history"
 
 def version_prefix(config: str) -> str:
     """How ``dpo4rec train --root`` names a version of ``config`` (a name or a YAML path): this, then a time
-    stamp; the background training reads it to tell whether a configuration was trained into a root."""
+    stamp (``STAMP``); the background training reads it to tell whether a configuration was trained into a root."""
     return f"{config.replace('/', '_').removesuffix('.yaml')}-"
+
+
+STAMP = "%Y%m%d-%H%M%S"  # the time stamp after ``version_prefix``
+
+
+def trained_with(version: str, config: str) -> bool:
+    """``version`` is a folder ``dpo4rec train --root`` wrote for ``config`` (prefix and time stamp), not any
+    folder whose name starts alike (``chain-first`` is not a version of ``chain``)."""
+    return re.fullmatch(re.escape(version_prefix(config)) + r"\d{8}-\d{6}", version) is not None
 
 
 def is_root(path: Path) -> bool:

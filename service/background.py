@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
 
-from rundir.versions import version_prefix, versions
+from rundir.versions import trained_with, versions
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,9 @@ class BackgroundTraining:
         self._watch: asyncio.Task[None] | None = None
         self._stage: str | None = None
 
-    @property
-    def prefix(self) -> str:
-        return version_prefix(self.config)
-
     def needed(self) -> bool:
         """No version of the root was trained with this configuration yet."""
-        return not any(v.startswith(self.prefix) for v in versions(self.root))
+        return not any(trained_with(v, self.config) for v in versions(self.root))
 
     def start(self, on_done: Callable[[], Awaitable[object]]) -> None:
         """Start the training process and a watcher that logs its stages and calls ``on_done`` when it published."""
@@ -85,7 +81,7 @@ class BackgroundTraining:
     def _eta(self, elapsed: float) -> str:
         """From the stage times of an earlier version of this configuration in the root, if any."""
         for version in reversed(versions(self.root)):
-            if version.startswith(self.prefix):
+            if trained_with(version, self.config):
                 with suppress(OSError, ValueError, KeyError):
                     doc = json.loads((self.root / version / "metrics.json").read_text())
                     total = float(sum(doc["stage_seconds"].values()))

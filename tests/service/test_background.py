@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from dpo4rec.cli import app as cli
-from rundir.versions import current_version, versions
+from rundir.versions import current_version, trained_with, versions
 from tests.service.support import base_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
@@ -73,3 +73,12 @@ def app_version(root: Path, name: str) -> str:
     from rundir.reader import read_version
 
     return read_version(root / name)
+
+
+def test_a_version_of_a_configuration_is_its_prefix_and_a_time_stamp():
+    # "chain-first" starts like a version of "chain" but is not one: background training must still start
+    assert trained_with("chain-20261206-173704", "chain")
+    assert trained_with("configs_chain-20261206-173704", "configs/chain.yaml")
+    assert not trained_with("chain-first", "chain")
+    assert not trained_with("chain-20261206-173704", "chain-2")
+    assert not trained_with("default-20261206-173704", "chain")
