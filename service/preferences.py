@@ -93,6 +93,7 @@ class PreferenceService:
         wait: bool = False,
         start_delay_s: float = 10.0,
         supervisor: EngineSupervisor | None = None,
+        stand_in_vector: bool = True,
     ):
         self.version = version
         self.run_preferences = run_preferences
@@ -110,6 +111,9 @@ class PreferenceService:
         self._workers = asyncio.Semaphore(workers)
         self.wait = wait  # batch jobs: a miss waits for the LLM's text (latency does not matter there)
         self.start_delay_s = start_delay_s  # a generation waits for its request's answer, at most this long
+        # encode a miss's stand-in text: only a retriever that fuses preference vectors reads it (for plain SASRec
+        # the encode was ~50 ms of a miss's answer under load, docs/BENCHMARKS.md)
+        self.stand_in_vector = stand_in_vector
         self._tasks: dict[str, asyncio.Task[_Generated]] = {}
         metrics.preference_queue.set_function(lambda: len(self._tasks))
 
@@ -154,7 +158,10 @@ class PreferenceService:
             else:
                 degraded.add("preference_pending")
         text = self.stand_in(history)
-        vector = (await asyncio.to_thread(self.encoder.encode, [text]))[0]  # (D,) float32
+        if self.stand_in_vector:
+            vector = (await asyncio.to_thread(self.encoder.encode, [text]))[0]  # (D,) float32
+        else:
+            vector = np.zeros(0, np.float32)  # read by nothing: the served retriever takes no preference vector
         return Resolved(Preference(text=text, vector=vector), "history", degraded, release)
 
     def _schedule(self, user_id: str, history: list[HistoryItem], request_id: str, gate: asyncio.Event | None) -> bool:

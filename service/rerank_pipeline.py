@@ -189,7 +189,9 @@ class RerankPipeline:
         pref = None
         if self.pref_dim:
             zeros = np.zeros(self.pref_dim, np.float32)
-            pref = np.stack([zeros if v is None else np.asarray(v, np.float32).reshape(-1) for _, v in users])
+            pref = np.stack(
+                [zeros if v is None or v.size == 0 else np.asarray(v, np.float32).reshape(-1) for _, v in users]
+            )
         return retriever.user_vectors([history[-retriever.cfg.max_len :] for history, _ in users], pref)
 
     async def _retrieve(

@@ -319,6 +319,7 @@ async def open_version(
             queue_size=settings.preference_queue,
             workers=settings.preference_workers,
             wait=settings.preference_wait,
+            stand_in_vector=artifacts.retriever.cfg.pref_dim > 0,
         )
         stack.push_async_callback(preferences.close)
         log.info(

@@ -151,3 +151,21 @@ def test_tiny_deadline_for_a_new_user_goes_on_without_waiting(client, app):
         return again["preference_source"] == "cache"
 
     assert _wait_for(cached, timeout_s=30)
+
+
+def test_a_miss_encodes_its_stand_in_only_for_a_retriever_that_reads_it(client, app):
+    state = app.state.service.preferences
+    calls: list[list[str]] = []
+    encode = state.encoder.encode
+    state.encoder.encode = lambda texts: calls.append(list(texts)) or encode(texts)  # the real encoder, counted
+    try:
+        body = {"user_id": "new-plain-1", "history": HISTORY, "top_n": 3}
+        assert client.post("/rerank", json=body).json()["preference_source"] == "history"
+        assert len(calls) == 1  # this app's retriever fuses preference vectors: the stand-in is encoded
+        state.stand_in_vector = False  # as for plain SASRec (pref_dim 0): nothing would read the vector
+        answer = client.post("/rerank", json=body | {"user_id": "new-plain-2"}).json()
+    finally:
+        state.stand_in_vector = True
+        del state.encoder.encode
+    assert answer["preference_source"] == "history" and len(answer["results"]) == 3
+    assert len(calls) == 1  # no encode for the second miss
