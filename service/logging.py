@@ -31,6 +31,9 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "asctime",
     "taskName",
     "color_message",  # uvicorn's ANSI-coloured duplicate of msg
+    # stamped on every record once Ray or vLLM is imported (their record factories), not ``extra=`` fields
+    "_ray_timestamp_ns",
+    "vllm_process_name",
 }
 access_log = logging.getLogger("service.access")
 
