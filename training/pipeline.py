@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -75,9 +75,10 @@ class _Base:
 class _LLMStages:
     """What the DPO loop and the re-rank stage made (either may be off in the configuration)."""
 
-    served: Served  # what the run serves after them: the last DPO round's, else the base-preference row
+    served: Served  # what the run serves: plain SASRec unless the last preference retriever won the selection
+    selection: dict[str, Any]  # metrics.json "selection": how ``choose_served`` decided
     aligned: AlignResult | None = None
-    reranked: RerankResult | None = None
+    reranked: RerankResult | None = None  # trained on the served retriever's lists, so its weight fits them
 
 
 def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, status: Path | None = None) -> dict[str, Any]:
@@ -94,8 +95,8 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, status
     work = Path(tempfile.mkdtemp(prefix="dpo4rec-train-"))  # adapters and pairs, until the run is written
     try:
         llm = _llm_stages(cfg, base, work, timer)
-        served, selection = choose_served(cfg, base, llm.served, ranks)
-        doc: dict[str, Any] = {"selection": selection}
+        served = llm.served
+        doc: dict[str, Any] = {"selection": llm.selection}
         if llm.aligned:
             ranks.update(llm.aligned.ranks)
             curves.update(llm.aligned.curves)
@@ -125,7 +126,7 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, status
             "curves": curves,
         }
         metrics_doc.update({"served_retriever": served.row, **doc})  # + reward, DPO curves, re-rank details
-        version = _write(cfg, out, base, replace(llm, served=served), index, content, metrics_doc, overwrite)
+        version = _write(cfg, out, base, llm, index, content, metrics_doc, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("run written to %s (version %s)", out, version)
@@ -161,9 +162,10 @@ def _base_stages(cfg: PipelineConfig, timer: StageTimer) -> _Base:
 
 
 def _llm_stages(cfg: PipelineConfig, base: _Base, work: Path, timer: StageTimer) -> _LLMStages:
-    """The DPO loop on the base preferences, then the re-rank stage on what the run serves after it."""
+    """The DPO loop on the base preferences, the choice of what is served (``choose_served``), then the re-rank
+    stage on the served retriever's lists."""
     if not (cfg.preference_dpo.rounds or cfg.rerank.enabled):
-        return _LLMStages(base.served)
+        return _LLMStages(*choose_served(cfg, base, base.served, base.ranks))
     from transformers import AutoTokenizer  # heavy; a run without LLM stages does not pay for it
 
     model_dir = model_folder(cfg)
@@ -174,9 +176,10 @@ def _llm_stages(cfg: PipelineConfig, base: _Base, work: Path, timer: StageTimer)
         s.retriever, s.ranks, base.samples,
     )  # fmt: skip
     aligned = align_preferences(inp, tokenizer, work, timer) if cfg.preference_dpo.rounds else None
-    served = aligned.served if aligned else s
+    # chosen before the re-rank job: its lists, and the fusion weight chosen on them, come from what is served
+    served, selection = choose_served(cfg, base, aligned.served if aligned else s, base.ranks)
     reranked = train_reranker(inp, served, tokenizer, work, timer) if cfg.rerank.enabled else None
-    return _LLMStages(served, aligned, reranked)
+    return _LLMStages(served, selection, aligned, reranked)
 
 
 def _write(

@@ -208,10 +208,11 @@ def rerank_lists(inp: StageInputs, tokenizer: Any, out: Served) -> RerankLists:
     wanted = chosen + calibration
     n_hard = negative_counts(rc.k, rc.negatives.hard, rc.negatives.popular, rc.negatives.uniform)
     ranked_keys = [f"{u}@{t}" for u, t in wanted]
+    reads = retriever.cfg.pref_dim > 0  # plain SASRec (what selection may serve) takes no preference vector
     ranked = retrieve(
         retriever,
         {f"{u}@{t}": train[u][:t] for u, t in wanted},
-        {f"{u}@{t}": prefs[u] for u, t in wanted},
+        {f"{u}@{t}": prefs[u] for u, t in wanted} if reads else None,
         ranked_keys,
         n_hard[0] + 2,
         banned={f"{u}@{t}": [*banned[u], train[u][t]] for u, t in wanted},
@@ -254,7 +255,7 @@ def rerank_lists(inp: StageInputs, tokenizer: Any, out: Served) -> RerankLists:
         texts: dict[str, str],
         seen: dict[str, list[int]] | None = None,  # excluded beyond the history itself
     ) -> list[RerankExample]:
-        got = retrieve(retriever, histories, vectors, inp.users, rc.k, banned=seen)
+        got = retrieve(retriever, histories, vectors if reads else None, inp.users, rc.k, banned=seen)
         return evaluation_examples(catalog, inp.users, histories, targets, got, texts, labels, prompt_cfg)
 
     valid = evaluation(train, {u: split.users[u].valid for u in inp.users}, prefs, out.texts)
@@ -266,10 +267,13 @@ def rerank_lists(inp: StageInputs, tokenizer: Any, out: Served) -> RerankLists:
     if rc.cold_items:  # the same users, newest cold_items items; a history-text stand-in for the preference
         cut = {u: served_seqs[u][-rc.cold_items :] for u in inp.users}
         stand_in = {u: stand_in_text(catalog, cut[u], prompt_cfg) for u in inp.users}
-        vectors = inp.encoder.encode([stand_in[u] for u in inp.users])
-        cold_prefs = {u: vectors[i] for i, u in enumerate(inp.users)}
+        cold_prefs: dict[str, np.ndarray] = {}
+        if reads:  # the stand-ins' vectors, for a retriever that reads them
+            vectors = inp.encoder.encode([stand_in[u] for u in inp.users])
+            cold_prefs = {u: vectors[i] for i, u in enumerate(inp.users)}
         cold = evaluation(cut, tests, cold_prefs, stand_in, seen=served_seqs)  # seen items stay excluded
-        cold_ranks = ranks_on_test(score_users(retriever, cut, cold_prefs, inp.users), split, inp.users)
+        cold_scores = score_users(retriever, cut, cold_prefs if reads else None, inp.users)
+        cold_ranks = ranks_on_test(cold_scores, split, inp.users)
     return RerankLists(train_lists_ + cold_train, calibration_lists, valid, test, cold, cold_ranks, len(cold_train))
 
 

@@ -513,3 +513,20 @@ def test_fusion_weight_is_chosen_on_validation_lists_and_ties_go_to_zero(example
     flat = np.zeros(6)  # no opinion: every weight ties, the smallest wins
     assert choose_weight([hit], [flat], [1.0, 0.0, 2.0])[0] == 0.0
     assert choose_weight([], [], [0.0, 1.0]) == (0.0, [0.0, 0.0])
+
+
+def test_the_job_builds_its_lists_from_a_plain_served_retriever(smollm2_tokenizer: Any) -> None:
+    """Selection may serve plain SASRec (no preference vectors), and it is chosen before the re-rank job: the job's
+    lists, and so the fusion weight chosen on them, then come from plain SASRec's own order."""
+    from retrieval.sasrec import SASRec, SASRecConfig
+    from training.rerank_training import rerank_lists
+    from training.stages import Served
+
+    inp, out = _job_inputs({f"u{i}": (3 * i + 9) % 30 + 1 for i in range(8)}, cold_items=2)
+    torch.manual_seed(1)
+    plain = SASRec(SASRecConfig(num_items=30, max_len=10, hidden=16, layers=1, heads=1, dropout=0.0)).eval()
+    lists = rerank_lists(inp, smollm2_tokenizer, Served("SASRec", out.texts, out.vectors, plain, out.ranks))
+    train = {u: inp.split.users[u].train for u in inp.users}
+    want = retrieve(plain, train, None, inp.users, 5)
+    assert [e.candidates for e in lists.valid] == [want[u][0] for u in inp.users]
+    assert len(lists.train) == 6 and len(lists.cold) == 8 and lists.cold_ranks is not None
