@@ -22,7 +22,7 @@ from service.background import BackgroundTraining
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimitMiddleware, InFlightLimiter, InFlightLimitMiddleware
 from service.logging import RequestContextMiddleware
-from service.rollout import Rollout
+from service.rollout import Rollout, freeze_heap
 from service.routes import admin, health, metrics, rerank
 from service.runtime import open_service
 from service.settings import Settings
@@ -39,6 +39,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with open_service(settings, app.state.metrics) as state:
         app.state.service = state
         app.state.metrics.served_version.info({"version": state.artifacts.version})
+        if settings.gc_freeze:
+            freeze_heap()  # the start-up's objects, engines included, out of every later collection (service.rollout)
         app.state.rollout = rollout = Rollout(app, settings, app.state.metrics)
         rollout.start()  # watches a run root's current pointer (service.rollout)
         app.state.training = training = _background_training(settings)

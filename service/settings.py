@@ -199,6 +199,11 @@ class Settings(BaseSettings):
         description="torch threads of the API process (retrieval, encoding); the engine process has its own. "
         "null: torch's default (every core, competing with the engine)",
     )
+    gc_freeze: bool = Field(
+        True,
+        description="gc.freeze() after start-up and after each version swap: the engines' and the versions' objects "
+        "leave the cyclic collector's walks (a full collection took 0.7 s and one followed a swap, docs/BENCHMARKS.md)",
+    )
     api_nice: int = Field(
         0,
         ge=0,

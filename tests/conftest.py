@@ -21,6 +21,7 @@ apply_env_defaults(  # the engine's defaults (llm.engine.ENGINE_ENV_DEFAULTS), a
         "OMP_NUM_THREADS": "2",
         "VLLM_LOGGING_LEVEL": "WARNING",
         "DPO4REC_API_NICE": "0",  # apps run inside the pytest process: never lower its priority
+        "DPO4REC_GC_FREEZE": "false",  # nor freeze its heap: every app of the suite would stay in it
     }
 )
 
