@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.open_loop import LoadConfig, Poster, Shot, arrival_times, read_bodies, send_level, summarize
-from benchmarks.service_bench import to_jsonable
+from benchmarks.service_bench import write_summary
 from benchmarks.support import ENV_DEFAULTS, Server, cpu_flags, free_port, load_now, machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -856,9 +856,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         **result,
     }
     print_tables(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(to_jsonable(report), indent=1) + "\n")
-    print(f"summary: {args.out}")
+    write_summary(args.out, report)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from benchmarks.service_bench import (
     score_job,
     scrape,
     to_jsonable,
+    write_summary,
 )
 from benchmarks.support import ENV_DEFAULTS, Server, cpu_between, cpu_flags, free_port, load_now, machine, tree_cpu
 
@@ -415,9 +416,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     result = asyncio.run(run(args))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(to_jsonable(result), indent=1) + "\n")
-        print(f"summary: {args.out}")
+        write_summary(args.out, result)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.service_bench import percentile, to_jsonable
+from benchmarks.service_bench import percentile, to_jsonable, write_summary
 from benchmarks.support import cpu_between, cpu_ticks, machine, steal_between, tree_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -485,9 +485,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "levels": result.levels,
             "machine": machine(),
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(to_jsonable(report), indent=1) + "\n")
-        print(f"summary: {args.out}")
+        write_summary(args.out, report)
 
 
 if __name__ == "__main__":

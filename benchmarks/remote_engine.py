@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import statistics
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.open_loop import LoadConfig, read_bodies, sweep
-from benchmarks.service_bench import to_jsonable
+from benchmarks.service_bench import write_summary
 from benchmarks.support import ENV_DEFAULTS, HOST, Server, cpu_flags, free_port, load_now, machine, tree_cpu
 
 for _key, _value in ENV_DEFAULTS.items():
@@ -333,9 +332,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     result = asyncio.run(run(args))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(to_jsonable(result), indent=1) + "\n")
-        print(f"summary: {args.out}")
+        write_summary(args.out, result)
 
 
 if __name__ == "__main__":

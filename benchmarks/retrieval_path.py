@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.open_loop import LoadConfig, Poster, geometric_rates, measure_level
-from benchmarks.service_bench import to_jsonable
+from benchmarks.service_bench import write_summary
 from benchmarks.support import ENV_DEFAULTS, Server, free_port, machine
 
 BATCH_METRIC = "dpo4rec_retriever_batch_size"
@@ -432,9 +432,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # one socket per request in flight
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
     result = asyncio.run(run(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(to_jsonable(result), indent=1) + "\n")
-    print(f"summary: {args.out}")
+    write_summary(args.out, result)
 
 
 if __name__ == "__main__":

@@ -930,6 +930,13 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def write_summary(path: Path, report: Any) -> None:
+    """A benchmark's JSON summary (``to_jsonable``), its folder made, and where it went printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_jsonable(report), indent=1) + "\n")
+    print(f"summary: {path}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="run directory to serve")
@@ -998,9 +1005,7 @@ def main() -> None:
         with open(args.requests_log, "w") as f:
             f.writelines(json.dumps(to_jsonable(row)) + "\n" for row in rows)
         print(f"per-request rows: {args.requests_log} ({len(rows)})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(to_jsonable(report), indent=1) + "\n")
-    print(f"summary: {args.out}")
+    write_summary(args.out, report)
 
 
 if __name__ == "__main__":
