@@ -185,22 +185,28 @@ def coldstart(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. retriever.epochs=50")] = None,
     seeds: Annotated[str, typer.Option(help="comma-separated model seeds (the held-out split stays fixed)")] = "0,1,2",
     llm: Annotated[bool, typer.Option(help="score the LLM arms (zero-shot, label prior removed)")] = True,
+    trained: Annotated[bool, typer.Option(help="also train the re-rank adapter (SFT + DPO) on the warm split")] = True,
+    rerank_config: Annotated[str, typer.Option(help="config whose rerank section trains the adapter")] = "chain",
     calibration_lists: Annotated[int, typer.Option(help="validation lists per slice for the label prior")] = 16,
     max_events: Annotated[int | None, typer.Option(help="cap per slice and half (smoke runs)")] = None,
     verbose: Verbose = False,
 ) -> None:
-    """The cold-start protocol: new items and new users, every arm, paired CIs (docs/RESULTS.md)."""
+    """The cold-start protocol: new items and new users, every arm, paired CIs (docs/RESULTS.md). Each seed lands in
+    OUT/seed_N.json; a rerun reuses what a seed file already scored (see training/cold_start.py)."""
     _setup(verbose)
     from training.cold_report import write_report
     from training.cold_start import ColdStartConfig, run_protocol
     from training.config import load_config
 
     cfg = load_config(config, set_)
-    doc = run_protocol(
-        cfg,
-        ColdStartConfig(llm=llm, calibration_lists=calibration_lists, max_events=max_events),
-        [int(s) for s in seeds.split(",")],
+    cs = ColdStartConfig(
+        llm=llm,
+        trained=trained,
+        rerank=load_config(rerank_config).rerank,
+        calibration_lists=calibration_lists,
+        max_events=max_events,
     )
+    doc = run_protocol(cfg, cs, [int(s) for s in seeds.split(",")], out)
     write_report(doc, out)
     console.print(f"cold-start results -> {out}/cold_start.md")
 

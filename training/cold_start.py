@@ -12,15 +12,26 @@ through the same ridge map: the baseline a text model must beat). Slices and arm
 - ``new users k=1,3,5``: a held-out user's first k items revealed, the next one ranked over the known items.
   Arms: popularity, SASRec, the LLM over SASRec's top K, the fused order.
 
-The LLM is the run's base model, zero-shot, its label prior (PriDe) estimated on shifted validation lists
-and removed; its preference text is the history stand-in the service uses on a cache miss. The fusion weight
-of each slice is chosen on the validation half only: the best validation NDCG@10 over a grid, kept only when
-a paired bootstrap on validation puts its gain over weight 0 above 0 (else 0: the LLM is not called there).
+The LLM scorers: the run's base model zero-shot and (``trained``) the re-rank adapter trained on this split's
+warm data the way the chain trains it (``training.rerank_training.fit_adapters``: SFT on the target label, then
+DPO; shuffled lists and lists of the cold kind, no held-out item or user in any of them). Each scorer's label
+prior (PriDe) is estimated on shifted validation lists and removed; the preference text is the history
+stand-in the service uses on a cache miss. The fusion weight of each slice and scorer is chosen on the
+validation half only: the best validation NDCG@10 over a grid, kept only when a paired bootstrap on validation
+puts its gain over weight 0 above 0 (else 0: the LLM is not called there). The served scorer's weights (the
+adapter's when trained) are the run's ``weights``.
+
+Each seed's result is written to ``OUT/seed_N.json`` as it finishes; a later run reuses a scorer's arms from
+it when the seed's non-LLM ranks come out identical (SASRec retrained to the same weights) and the prompt
+settings match, so adding a scorer does not pay for the others again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,18 +47,41 @@ from retrieval.content import ContentTower, fit_text_tower, genre_decade_feature
 from retrieval.encoder import EncoderConfig, TextEncoder
 from retrieval.sasrec import SASRec
 from rundir.items import prompt_items
+from rundir.manifest import atomic_write_text
 from training import ranking_metrics as M
 from training.cold_split import ColdSplit, Event, cold_split
-from training.config import PipelineConfig
+from training.config import PipelineConfig, RerankSection
 from training.data import load_dataset
 from training.engines import EngineJob, EngineWeights, engine_cfg, engine_jobs, run_isolated
-from training.rerank import RerankExample, ScoringPrompts, evaluation_examples
-from training.stages import StageTimer, prompt_config, train_sasrec
+from training.rerank import (
+    RerankExample,
+    ScoringPrompts,
+    draw_positions,
+    evaluation_examples,
+    list_positions,
+    negative_counts,
+    retrieve,
+    training_lists,
+)
+from training.rerank_training import COLD_TRAIN_ITEMS, fit_adapters
+from training.stages import StageTimer, popularity_scores, prompt_config, sample_users, train_sasrec
 
 log = logging.getLogger(__name__)
 
 HALVES = ("valid", "test")
 NO_LLM_ARMS = ("popularity", "SASRec", "genre/decade", "content tower")
+ZERO_SHOT, TRAINED = "zero-shot", "SFT+DPO"
+# what a seed's LLM arms depend on beyond its non-LLM ranks: a previous seed file is reused only when they match
+PROMPT_SETTINGS = ("rerank_k", "recent_items", "preference_chars", "calibration_lists", "calibration_shifts",
+                   "fusion_weights", "bootstrap", "max_events")  # fmt: skip
+
+
+def llm_arm(scorer: str) -> str:
+    return f"LLM ({scorer}, de-biased)"
+
+
+def fused_arm(scorer: str) -> str:
+    return f"fused ({scorer}, weight chosen on validation)"
 
 
 @dataclass
@@ -60,6 +94,8 @@ class ColdStartConfig:
     recent_items: int = 3  # the prompt's newest history items (as the small run serves)
     preference_chars: int = 150  # the history stand-in cut to this, as the service cuts a miss's
     llm: bool = True  # score the LLM arms (an engine run; off: the non-LLM arms only)
+    trained: bool = True  # also train the re-rank adapter (SFT + DPO) on the warm split and score with it
+    rerank: RerankSection | None = None  # its lists and training settings (None: the run config's rerank section)
     calibration_lists: int = 64  # validation lists per slice whose shifted orders estimate the label prior
     calibration_shifts: int = 4
     fusion_weights: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0)
@@ -182,7 +218,82 @@ def _choose_weight(valid: dict[str, np.ndarray], weights: Sequence[float], n_boo
     }
 
 
-def run_seed(cfg: PipelineConfig, cs: ColdStartConfig, seed: int, timer: StageTimer) -> dict[str, Any]:
+def _prompt_cfg(cfg: PipelineConfig, cs: ColdStartConfig) -> Any:
+    return replace(prompt_config(cfg), max_recent=cs.recent_items, max_preference_chars=cs.preference_chars)
+
+
+def adapter_settings(cfg: PipelineConfig, cs: ColdStartConfig, seed: int) -> RerankSection:
+    """The adapter's re-rank section: the configured lists and training, at the protocol's K and prompt lengths,
+    seeded by the run's seed (lists, negatives, LoRA init: seeds differ in the adapter as in SASRec)."""
+    rc = cs.rerank or cfg.rerank
+    return replace(
+        rc,
+        k=cs.rerank_k,
+        recent_items=cs.recent_items,
+        preference_chars=cs.preference_chars,
+        seed=seed,
+        sft=replace(rc.sft, seed=seed, max_length=1024, max_prompt_length=1000),
+        dpo=replace(rc.dpo, seed=seed, max_length=1024, max_prompt_length=1000),
+    )
+
+
+def protocol_lists(
+    rc: RerankSection, catalog: Catalog, split: ColdSplit, model: SASRec, labels: Any, prompt_cfg: Any
+) -> list[RerankExample]:
+    """The adapter's training lists on the warm split, built as the chain builds them (``training.rerank_training``):
+    ``rc.train_lists`` shuffled lists (the retriever's hard negatives, popular, uniform) and ``rc.cold_lists`` of
+    the cold kind (the newest few items, uniform negatives). The preference is always the prefix's history text,
+    as the protocol's prompts carry it; held-out items are banned beside each user's validation and test items,
+    so none is ever a candidate, and held-out users are not in the warm split at all."""
+    users = split.train.ids()
+    train = {u: split.train.users[u].train for u in users}
+    held = [int(i) for i in np.flatnonzero(~split.known[1:]) + 1]
+    banned = {u: [split.train.users[u].valid, split.train.users[u].test, *held] for u in users}
+    pool = [(u, t) for u in users for t in list_positions(catalog, train[u], "", rc.positions_per_user)]
+    keys = [f"{u}@{t}" for u, t in pool]
+    picked = set(sample_users(keys, rc.train_lists, rc.seed))
+    chosen = [p for p, key in zip(pool, keys, strict=True) if key in picked]
+    cold = draw_positions(
+        [p for p, key in zip(pool, keys, strict=True) if key not in picked], rc.cold_lists, rc.seed + 2
+    )
+    counts = negative_counts(rc.k, rc.negatives.hard, rc.negatives.popular, rc.negatives.uniform)
+    chosen_keys = [f"{u}@{t}" for u, t in chosen]
+    ranked = retrieve(
+        model,
+        {f"{u}@{t}": train[u][:t] for u, t in chosen},
+        None,
+        chosen_keys,
+        counts[0] + 2,
+        banned={f"{u}@{t}": [*banned[u], train[u][t]] for u, t in chosen},
+    )
+    items = {key: top for key, (top, _) in ranked.items()} | {f"{u}@{t}": [] for u, t in cold}
+    common = (train, banned, items, popularity_scores(catalog, train), {}, labels, prompt_cfg)
+    shuffled = training_lists(catalog, chosen, *common, counts, rc.seed, stand_in=True)
+    cold_kind = training_lists(catalog, cold, *common, (0, 0, rc.k - 1), rc.seed, cut=rc.cold_items or COLD_TRAIN_ITEMS)
+    return shuffled + cold_kind
+
+
+def _reusable(previous: dict[str, Any] | None, cs: ColdStartConfig, halves: dict[str, list[Slice]]) -> list[str]:
+    """The scorers whose arms ``previous`` (this seed's earlier file) holds and may be reused: the same prompt
+    settings and, arm by arm, the same non-LLM ranks (so the same SASRec, lists and prompts)."""
+    settings = json.loads(json.dumps(asdict(cs)))  # as the file holds them (tuples are lists)
+    if not previous or any(previous["config"].get(k) != settings[k] for k in PROMPT_SETTINGS):
+        return []
+    for half, slices in halves.items():
+        for sl in slices:
+            old = previous["ranks"].get(half, {}).get(sl.name, {})
+            if any(old.get(arm) != ranks.tolist() for arm, ranks in sl.ranks.items()):
+                log.info(
+                    "cold start: seed %s's non-LLM ranks differ from its earlier run; scoring again", previous["seed"]
+                )
+                return []
+    return list(previous.get("weights_by_model", {}))
+
+
+def run_seed(
+    cfg: PipelineConfig, cs: ColdStartConfig, seed: int, timer: StageTimer, work: Path,
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """One seed of the protocol: per-event ranks of every arm on every slice of both halves, and the weights."""
     cfg = replace(cfg, retriever=replace(cfg.retriever, seed=seed))
     dataset = load_dataset(cfg.data.name, Path(cfg.data.data_dir))
@@ -204,14 +315,22 @@ def run_seed(cfg: PipelineConfig, cs: ColdStartConfig, seed: int, timer: StageTi
     for slices in halves.values():
         for sl in slices:
             _no_llm_arms(sl, model, spaces, popularity, seed)
-    weights: dict[str, Any] = {}
+    by_model: dict[str, Any] = {}
     if cs.llm:
-        with timer(f"llm_{seed}"):
-            weights = _llm_arms(cfg, cs, catalog, halves, info)
+        by_model = _reused(previous, _reusable(previous, cs, halves), halves, info)
+        wanted = [ZERO_SHOT, *([TRAINED] if cs.trained else [])]
+        todo = [m for m in wanted if m not in by_model]
+        if todo:
+            with timer(f"llm_{seed}"):
+                by_model |= _llm_arms(cfg, cs, catalog, split, model, halves, info, todo, work / f"seed_{seed}", timer)
+    served = TRAINED if TRAINED in by_model else ZERO_SHOT
     return {
         "seed": seed,
+        "config": asdict(cs),
         "info": info,
-        "weights": weights,
+        "scorer": served if by_model else None,
+        "weights": by_model.get(served, {}),
+        "weights_by_model": by_model,
         "events": {half: {sl.name: len(sl.events) for sl in slices} for half, slices in halves.items()},
         "ranks": {
             half: {sl.name: {a: r.tolist() for a, r in sl.ranks.items()} for sl in slices}
@@ -220,18 +339,58 @@ def run_seed(cfg: PipelineConfig, cs: ColdStartConfig, seed: int, timer: StageTi
     }
 
 
-def _llm_arms(
-    cfg: PipelineConfig, cs: ColdStartConfig, catalog: Catalog, halves: dict[str, list[Slice]], info: dict[str, Any]
+def _reused(
+    previous: dict[str, Any] | None, scorers: Sequence[str], halves: dict[str, list[Slice]], info: dict[str, Any]
 ) -> dict[str, Any]:
-    """Score every slice's top-K lists with the zero-shot LLM (prior removed), then choose and apply the weights."""
+    """Copy ``scorers``' arms, weights and info from ``previous`` into this seed's slices."""
+    if not previous:
+        return {}
+    for scorer in scorers:
+        for half, slices in halves.items():
+            for sl in slices:
+                old = previous["ranks"][half][sl.name]
+                for arm in (llm_arm(scorer), fused_arm(scorer)):
+                    sl.ranks[arm] = np.asarray(old[arm])
+        for key in ("llm", "adapter"):
+            if scorer in previous["info"].get(key, {}):
+                info.setdefault(key, {})[scorer] = previous["info"][key][scorer]
+        log.info("cold start: seed %s reuses its %s arms", previous["seed"], scorer)
+    return {scorer: previous["weights_by_model"][scorer] for scorer in scorers}
+
+
+def _llm_arms(
+    cfg: PipelineConfig,
+    cs: ColdStartConfig,
+    catalog: Catalog,
+    split: ColdSplit,
+    retriever: SASRec,
+    halves: dict[str, list[Slice]],
+    info: dict[str, Any],
+    scorers: Sequence[str],
+    work: Path,
+    timer: StageTimer,
+) -> dict[str, Any]:
+    """Score every slice's top-K lists with each scorer (prior removed), then choose and apply its weights."""
     from transformers import AutoTokenizer
 
     from training.base_preferences import model_folder
+    from training.engines import policy
 
     model_dir = model_folder(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt_cfg = replace(prompt_config(cfg), max_recent=cs.recent_items, max_preference_chars=cs.preference_chars)
+    prompt_cfg = _prompt_cfg(cfg, cs)
     labels = candidate_labels(tokenizer, cs.rerank_k)
+    weights = {ZERO_SHOT: EngineWeights(str(model_dir))}
+    if TRAINED in scorers:
+        rc = adapter_settings(cfg, cs, cfg.retriever.seed)
+        train = protocol_lists(rc, catalog, split, retriever, labels, prompt_cfg)
+        adapters = fit_adapters(model_dir, rc, train, work, timer)
+        info.setdefault("adapter", {})[TRAINED] = adapters.info() | {
+            "lists": len(train),
+            "cold_kind": rc.cold_lists,
+            "curves": adapters.curves(),
+        }
+        weights[TRAINED] = policy(cfg, model_dir, adapters.dpo.adapter_dir, work)
     prompts = ScoringPrompts(tokenizer, prompt_cfg)
     examples: dict[tuple[str, str], list[RerankExample]] = {}
     calibration = shifts(cs.rerank_k, cs.calibration_shifts)
@@ -241,15 +400,36 @@ def _llm_arms(
             if half == "valid":
                 prompts.add(f"calibration/{sl.name}", ex[: cs.calibration_lists], calibration)
             prompts.add(f"{half}/{sl.name}", ex, [0])
-    log.info("cold start: %d prompts for the LLM arms", len(prompts.prompts))
-    job = EngineJob.score(prompts.prompts, prompts.label_ids, EngineWeights(str(model_dir)))
-    raw = run_isolated(engine_jobs, engine_cfg(cfg), [job])[0]
-    blocks = [b for sl in halves["valid"] for b in prompts.split(raw, f"calibration/{sl.name}")]
-    spec = ScoringSpec(weight=None, log_prior=tuple(estimate_prior(blocks)), permutations=1)
-    info["llm"] = {"prompts": len(prompts.prompts), "model": cfg.llm.model, "label_prior": list(spec.log_prior or ())}
-    llm_scores = {
-        key: [item_logprobs(per, [0], spec) for per in prompts.split(raw, f"{key[0]}/{key[1]}")] for key in examples
-    }
+    log.info("cold start: %d prompts for each of %s", len(prompts.prompts), ", ".join(scorers))
+    jobs = [EngineJob.score(prompts.prompts, prompts.label_ids, weights[m]) for m in scorers]
+    with timer(f"score_{cfg.retriever.seed}"):
+        raws = run_isolated(engine_jobs, engine_cfg(cfg), jobs)
+    if TRAINED in scorers and weights[TRAINED].model != str(model_dir):
+        shutil.rmtree(weights[TRAINED].model, ignore_errors=True)  # the merged copy (~0.5 GB); the adapter stays
+    chosen: dict[str, Any] = {}
+    for scorer, raw in zip(scorers, raws, strict=True):
+        blocks = [b for sl in halves["valid"] for b in prompts.split(raw, f"calibration/{sl.name}")]
+        spec = ScoringSpec(weight=None, log_prior=tuple(estimate_prior(blocks)), permutations=1)
+        info.setdefault("llm", {})[scorer] = {
+            "prompts": len(prompts.prompts),
+            "model": cfg.llm.model,
+            "label_prior": list(spec.log_prior or ()),
+        }
+        scores = {
+            key: [item_logprobs(per, [0], spec) for per in prompts.split(raw, f"{key[0]}/{key[1]}")] for key in examples
+        }
+        chosen[scorer] = _fuse(cs, halves, examples, scores, scorer)
+    return chosen
+
+
+def _fuse(
+    cs: ColdStartConfig,
+    halves: dict[str, list[Slice]],
+    examples: dict[tuple[str, str], list[RerankExample]],
+    llm_scores: dict[tuple[str, str], list[np.ndarray]],
+    scorer: str,
+) -> dict[str, Any]:
+    """The scorer's own order and its fused order per slice, the weight chosen on the validation half."""
     chosen: dict[str, Any] = {}
     for name in [sl.name for sl in halves["valid"]]:
         grids = {}
@@ -258,7 +438,7 @@ def _llm_arms(
             if sl is None:
                 continue
             ex, scores = examples[half, name], llm_scores[half, name]
-            sl.ranks["LLM (zero-shot, de-biased)"] = _llm_ranks(sl, ex, scores)
+            sl.ranks[llm_arm(scorer)] = _llm_ranks(sl, ex, scores)
             grids[half] = {
                 f"w={w:g}": _llm_ranks(
                     sl,
@@ -272,7 +452,7 @@ def _llm_arms(
         for half in HALVES:
             sl = next((s for s in halves[half] if s.name == name), None)
             if sl is not None:
-                sl.ranks["fused (weight chosen on validation)"] = grids[half][f"w={weight:g}"]
+                sl.ranks[fused_arm(scorer)] = grids[half][f"w={weight:g}"]
     return chosen
 
 
@@ -311,9 +491,22 @@ def summarize(seeds: Sequence[dict[str, Any]], n_boot: int) -> dict[str, Any]:
     return out
 
 
-def run_protocol(cfg: PipelineConfig, cs: ColdStartConfig, seeds: Sequence[int]) -> dict[str, Any]:
+def run_protocol(
+    cfg: PipelineConfig, cs: ColdStartConfig, seeds: Sequence[int], out: Path | None = None
+) -> dict[str, Any]:
+    """Every seed (each written to ``out/seed_N.json`` when it finishes; an earlier file's scorers reused, see the
+    module text), then the test summary."""
     timer = StageTimer()
-    results = [run_seed(cfg, cs, seed, timer) for seed in seeds]
+    results = []
+    for seed in seeds:
+        path = out / f"seed_{seed}.json" if out is not None else None
+        previous = json.loads(path.read_text(encoding="utf-8")) if path is not None and path.exists() else None
+        work = (out or Path(tempfile.mkdtemp(prefix="cold-start-"))) / "work"
+        result = run_seed(cfg, cs, seed, timer, work, previous)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(result))
+        results.append(result)
     return {
         "config": asdict(cs),
         "seeds": list(seeds),

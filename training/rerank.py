@@ -180,6 +180,11 @@ def list_positions(catalog: Catalog, train: Sequence[int], preference: str, per_
     return sorted(out)
 
 
+def draw_positions(pool: Sequence[tuple[str, int]], n: int, seed: int) -> list[tuple[str, int]]:
+    """``n`` positions of ``pool`` drawn without replacement (seeded), kept in pool order; all when fewer."""
+    return [pool[i] for i in sorted(np.random.default_rng(seed).permutation(len(pool))[:n])]
+
+
 def training_lists(
     catalog: Catalog,
     positions: Sequence[tuple[str, int]],
@@ -193,22 +198,22 @@ def training_lists(
     counts: tuple[int, int, int],
     seed: int,
     cut: int = 0,
+    stand_in: bool = False,
 ) -> list[RerankExample]:
     """One shuffled list per (user, t) in ``positions``; ``ranked[f"{user}@{t}"]``: the retriever's
     items for that prefix, best first; ``banned[user]``: the validation and test items.
 
     ``cut`` > 0 makes lists of the cold kind: the prompt shows only the newest ``cut`` items of the prefix and,
     as the preference, their history text (``stand_in_text``; ``preferences`` unused). Negatives still avoid
-    the whole prefix."""
+    the whole prefix. ``stand_in`` gives every list that preference (the whole prefix's history text, as a
+    cache miss serves it) without the cut."""
     out = []
     for user, t in positions:
         prefix, target = list(train[user][:t]), int(train[user][t])
         rng = _rng(seed, user, t)
         shown = draw_list(target, {*prefix, *banned[user]}, ranked[f"{user}@{t}"], popularity, counts, rng)
-        history, preference = prefix, preferences.get(user, "")
-        if cut:
-            history = prefix[-cut:]
-            preference = stand_in_text(catalog, history, prompt_cfg)
+        history = prefix[-cut:] if cut else prefix
+        preference = stand_in_text(catalog, history, prompt_cfg) if cut or stand_in else preferences.get(user, "")
         out.append(_example(catalog, user, history, shown, target, preference, labels, prompt_cfg))
     return out
 

@@ -43,6 +43,7 @@ from training.rerank import (
     RerankExample,
     ScoringPrompts,
     dpo_rows,
+    draw_positions,
     evaluation_examples,
     list_positions,
     negative_counts,
@@ -200,11 +201,11 @@ def rerank_lists(inp: StageInputs, tokenizer: Any, out: Served) -> RerankLists:
     keys = [f"{u}@{t}" for u, t in pool]
     picked = set(sample_users(keys, rc.train_lists, rc.seed))
     rest = [p for p, key in zip(pool, keys, strict=True) if key not in picked]
-    calibration = _draw(rest, rc.calibration_lists, rc.seed + 1)
+    calibration = draw_positions(rest, rc.calibration_lists, rc.seed + 1)
     chosen = [p for p, key in zip(pool, keys, strict=True) if key in picked]
     calibrated = set(calibration)
     spare = [p for p in rest if p not in calibrated]  # neither trained nor calibrated on
-    cold_positions = _draw(spare, rc.cold_lists, rc.seed + 2)
+    cold_positions = draw_positions(spare, rc.cold_lists, rc.seed + 2)
     wanted = chosen + calibration
     n_hard = negative_counts(rc.k, rc.negatives.hard, rc.negatives.popular, rc.negatives.uniform)
     ranked_keys = [f"{u}@{t}" for u, t in wanted]
@@ -275,11 +276,6 @@ def rerank_lists(inp: StageInputs, tokenizer: Any, out: Served) -> RerankLists:
         cold_scores = score_users(retriever, cut, cold_prefs if reads else None, inp.users)
         cold_ranks = ranks_on_test(cold_scores, split, inp.users)
     return RerankLists(train_lists_ + cold_train, calibration_lists, valid, test, cold, cold_ranks, len(cold_train))
-
-
-def _draw(pool: Sequence[tuple[str, int]], n: int, seed: int) -> list[tuple[str, int]]:
-    """``n`` positions of ``pool`` drawn without replacement (seeded), kept in pool order; all when fewer."""
-    return [pool[i] for i in sorted(np.random.default_rng(seed).permutation(len(pool))[:n])]
 
 
 def _hits(examples: Sequence[RerankExample]) -> list[RerankExample]:
@@ -371,12 +367,18 @@ def _lists_info(lists: RerankLists, rc: RerankSection) -> dict[str, Any]:
 
 def train_adapters(inp: StageInputs, lists: RerankLists, work: Path, timer: StageTimer) -> RerankAdapters:
     """SFT on the training lists' target labels, then DPO continuing the SFT adapter (module text, step 2)."""
-    rc = inp.cfg.rerank
+    return fit_adapters(inp.model_dir, inp.cfg.rerank, lists.train, work, timer)
+
+
+def fit_adapters(
+    model_dir: Path, rc: RerankSection, train: Sequence[RerankExample], work: Path, timer: StageTimer
+) -> RerankAdapters:
+    """``train_adapters`` on any lists (the cold-start protocol trains on its own split's)."""
     with timer("rerank_sft"):
-        sft = train_sft(inp.model_dir, sft_rows(lists.train), rc.sft, work / "rerank_sft")
+        sft = train_sft(model_dir, sft_rows(train), rc.sft, work / "rerank_sft")
     with timer("rerank_dpo"):
-        pairs = dpo_rows(lists.train, rc.dpo_rejected, rc.seed)
-        dpo = train_dpo(inp.model_dir, pairs, rc.dpo, work / "rerank_dpo", init_adapter=sft.adapter_dir)
+        pairs = dpo_rows(train, rc.dpo_rejected, rc.seed)
+        dpo = train_dpo(model_dir, pairs, rc.dpo, work / "rerank_dpo", init_adapter=sft.adapter_dir)
     return RerankAdapters(sft, dpo, len(pairs))
 
 
