@@ -275,14 +275,14 @@ def protocol_lists(
 
 def _reusable(previous: dict[str, Any] | None, cs: ColdStartConfig, halves: dict[str, list[Slice]]) -> list[str]:
     """The scorers whose arms ``previous`` (this seed's earlier file) holds and may be reused: the same prompt
-    settings and, arm by arm, the same non-LLM ranks (so the same SASRec, lists and prompts)."""
+    settings and, arm by arm, the same ranks of the base arms (``NO_LLM_ARMS``: the same SASRec, lists, prompts)."""
     settings = json.loads(json.dumps(asdict(cs)))  # as the file holds them (tuples are lists)
     if not previous or any(previous["config"].get(k) != settings[k] for k in PROMPT_SETTINGS):
         return []
     for half, slices in halves.items():
         for sl in slices:
             old = previous["ranks"].get(half, {}).get(sl.name, {})
-            if any(old.get(arm) != ranks.tolist() for arm, ranks in sl.ranks.items()):
+            if any(old.get(arm) != ranks.tolist() for arm, ranks in sl.ranks.items() if arm in NO_LLM_ARMS):
                 log.info(
                     "cold start: seed %s's non-LLM ranks differ from its earlier run; scoring again", previous["seed"]
                 )
