@@ -49,10 +49,11 @@ from retrieval.sasrec import SASRec
 from rundir.items import prompt_items
 from rundir.manifest import atomic_write_text
 from training import ranking_metrics as M
+from training.base_preferences import history_texts
 from training.cold_split import ColdSplit, Event, cold_split
 from training.config import PipelineConfig, RerankSection
 from training.data import load_dataset
-from training.engines import EngineJob, EngineWeights, engine_cfg, engine_jobs, run_isolated
+from training.engines import EngineJob, EngineWeights, engine_cfg, engine_jobs, greedy, run_isolated
 from training.rerank import (
     RerankExample,
     ScoringPrompts,
@@ -69,7 +70,11 @@ from training.stages import StageTimer, popularity_scores, prompt_config, sample
 log = logging.getLogger(__name__)
 
 HALVES = ("valid", "test")
-NO_LLM_ARMS = ("popularity", "SASRec", "genre/decade", "content tower")
+BASE_ARMS = ("popularity", "SASRec", "genre/decade", "content tower")
+# SASRec trained with a text per user (training.base_preferences' two sources): the LLM's, and the history lines
+# it would read (the no-LLM control)
+PREFERENCE_ARMS = {"llm": "SASRec + LLM preference", "history": "SASRec + history text (no LLM)"}
+NO_LLM_ARMS = (*BASE_ARMS, PREFERENCE_ARMS["history"])
 ZERO_SHOT, TRAINED = "zero-shot", "SFT+DPO"
 # what a seed's LLM arms depend on beyond its non-LLM ranks: a previous seed file is reused only when they match
 PROMPT_SETTINGS = ("rerank_k", "recent_items", "preference_chars", "calibration_lists", "calibration_shifts",
@@ -95,6 +100,7 @@ class ColdStartConfig:
     preference_chars: int = 150  # the history stand-in cut to this, as the service cuts a miss's
     llm: bool = True  # score the LLM arms (an engine run; off: the non-LLM arms only)
     trained: bool = True  # also train the re-rank adapter (SFT + DPO) on the warm split and score with it
+    preference_arms: bool = True  # SASRec with the LLM's preference text, and with the history lines (control)
     rerank: RerankSection | None = None  # its lists and training settings (None: the run config's rerank section)
     calibration_lists: int = 64  # validation lists per slice whose shifted orders estimate the label prior
     calibration_shifts: int = 4
@@ -135,7 +141,7 @@ def _item_spaces(
     trained = model.item_vectors()
     warm = sorted(split.training_items())
     held = np.flatnonzero(~split.known[1:]) + 1
-    text = fit_text_tower(encoder, catalog, warm, trained)
+    tower_space, text = _content_space(trained, catalog, split, encoder)
     items = [catalog[i] for i in range(1, len(catalog) + 1)]
     genres = sorted({g for it in items for g in it.genres})
     decades = sorted({it.year // 10 * 10 for it in items if it.year is not None})
@@ -143,9 +149,7 @@ def _item_spaces(
         [np.zeros((1, len(genres) + len(decades) + 1), np.float32), genre_decade_features(items, genres, decades)]
     )
     control = ContentTower.fit(feats[warm], trained[warm], features="genre_decade")
-    spaces = {"SASRec": trained, "content tower": trained.copy(), "genre/decade": trained.copy()}
-    held_items = [catalog[int(i)] for i in held]
-    spaces["content tower"][held] = text_vectors(text, encoder, held_items)
+    spaces = {"SASRec": trained, "content tower": tower_space, "genre/decade": trained.copy()}
     spaces["genre/decade"][held] = control.vectors(feats[held])
     info = {
         "warm_items": len(warm),
@@ -154,6 +158,92 @@ def _item_spaces(
         "genre_decade": {"alpha": control.alpha, "holdout_r2": control.holdout_r2},
     }
     return spaces, info
+
+
+def _content_space(
+    trained: np.ndarray, catalog: Catalog, split: ColdSplit, encoder: TextEncoder
+) -> tuple[np.ndarray, ContentTower]:
+    """``trained`` (N+1, H) with the held-out items' rows from the text tower fit on the warm items' rows."""
+    held = np.flatnonzero(~split.known[1:]) + 1
+    tower = fit_text_tower(encoder, catalog, sorted(split.training_items()), trained)
+    space = trained.copy()
+    space[held] = text_vectors(tower, encoder, [catalog[int(i)] for i in held])
+    return space, tower
+
+
+def event_key(e: Event) -> str:
+    """An event's history is a prefix of its user's known-item sequence: user and length name it."""
+    return f"{e.user}@{len(e.history)}"
+
+
+def preference_texts(cfg: PipelineConfig, dataset: Any, split: ColdSplit, source: str, cache: Path) -> dict[str, str]:
+    """A text per warm user (from the training part of the history, as ``training.base_preferences`` writes it)
+    and per event (from the event's history: what was known then): the base LLM's greedy preference
+    (``source`` "llm", generated once and kept in ``cache``: the split and the LLM do not change with the seed)
+    or the history lines it reads (``source`` "history", the no-LLM control)."""
+    from llm.prompts import preference_messages, render
+
+    catalog = dataset.catalog
+    frame = dataset.interactions
+    pairs = zip(frame["user_id"].astype(str), frame["item"].astype(int), strict=True)
+    rating = dict(zip(pairs, frame["rating"].astype(float), strict=True))
+    histories = {u: (list(us.train), list(us.train_ratings)) for u, us in split.train.users.items()}
+    events = [e for half in HALVES for e in split.item_events[half]]
+    events += [e for halves in split.user_events.values() for half in HALVES for e in halves[half]]
+    for e in events:
+        histories[event_key(e)] = (list(e.history), [rating[e.user, i] for i in e.history])
+    prompt_cfg = prompt_config(cfg)
+    if source == "history":
+        return history_texts(catalog, histories, prompt_cfg)
+    settings = {"model": cfg.llm.model, "history_items": cfg.llm.history_items, "max_tokens": cfg.llm.max_tokens}
+    kept = json.loads(cache.read_text(encoding="utf-8")) if cache.exists() else {}
+    texts = kept.get("texts", {}) if kept.get("settings") == settings else {}
+    todo = [key for key in histories if key not in texts]
+    if todo:
+        from transformers import AutoTokenizer
+
+        from training.base_preferences import model_folder
+
+        model_dir = model_folder(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        prompts = [
+            render(tokenizer, preference_messages(prompt_items(catalog, *histories[key]), prompt_cfg)) for key in todo
+        ]
+        log.info("cold start: %d preference texts to write", len(todo))
+        job = EngineJob.generate(prompts, greedy(cfg), EngineWeights(str(model_dir)))
+        outputs = run_isolated(engine_jobs, engine_cfg(cfg), [job])[0]
+        texts |= {key: g[0] for key, g in zip(todo, outputs, strict=True)}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, json.dumps({"settings": settings, "texts": texts}))
+    return {key: texts[key] for key in histories}
+
+
+def _preference_arms(
+    cfg: PipelineConfig,
+    catalog: Catalog,
+    split: ColdSplit,
+    halves: dict[str, list[Slice]],
+    encoder: TextEncoder,
+    texts: Mapping[str, Mapping[str, str]],
+) -> dict[str, Any]:
+    """Per source of ``texts``, SASRec trained with the warm users' texts (``training.stages.train_sasrec``, as the
+    pipeline's preference row), queried with each event's own text; held-out items through its own content tower."""
+    users = split.train.ids()
+    info: dict[str, Any] = {}
+    for source, by_key in texts.items():
+        arm = PREFERENCE_ARMS[source]
+        keys = [*users, *sorted({event_key(e) for slices in halves.values() for sl in slices for e in sl.events})]
+        vectors = dict(zip(keys, encoder.encode([by_key[k] for k in keys]), strict=True))
+        prefs = {u: vectors[u] for u in users}
+        model, _ = train_sasrec(cfg, catalog, split.train, users, prefs, encoder.dim)
+        space, tower = _content_space(model.item_vectors(), catalog, split, encoder)
+        info[arm] = {"content_tower_holdout_r2": tower.holdout_r2}
+        for slices in halves.values():
+            for sl in slices:
+                seqs = [list(e.history)[-model.cfg.max_len :] for e in sl.events]
+                q = model.user_vectors(seqs, np.stack([vectors[event_key(e)] for e in sl.events]))
+                sl.rank(arm, q @ space.T)
+    return info
 
 
 def _slices(split: ColdSplit, half: str, ks: Sequence[int], cap: int | None) -> list[Slice]:
@@ -273,21 +363,27 @@ def protocol_lists(
     return shuffled + cold_kind
 
 
-def _reusable(previous: dict[str, Any] | None, cs: ColdStartConfig, halves: dict[str, list[Slice]]) -> list[str]:
-    """The scorers whose arms ``previous`` (this seed's earlier file) holds and may be reused: the same prompt
-    settings and, arm by arm, the same ranks of the base arms (``NO_LLM_ARMS``: the same SASRec, lists, prompts)."""
+def _base_matches(previous: dict[str, Any] | None, cs: ColdStartConfig, halves: dict[str, list[Slice]]) -> bool:
+    """Whether the arms ``previous`` (this seed's earlier file) holds may be reused: the same prompt settings and,
+    arm by arm, the same ranks of the base arms (``BASE_ARMS``: the same SASRec, lists and prompts)."""
     settings = json.loads(json.dumps(asdict(cs)))  # as the file holds them (tuples are lists)
     if not previous or any(previous["config"].get(k) != settings[k] for k in PROMPT_SETTINGS):
-        return []
+        return False
     for half, slices in halves.items():
         for sl in slices:
             old = previous["ranks"].get(half, {}).get(sl.name, {})
-            if any(old.get(arm) != ranks.tolist() for arm, ranks in sl.ranks.items() if arm in NO_LLM_ARMS):
-                log.info(
-                    "cold start: seed %s's non-LLM ranks differ from its earlier run; scoring again", previous["seed"]
-                )
-                return []
-    return list(previous.get("weights_by_model", {}))
+            if any(old.get(arm) != ranks.tolist() for arm, ranks in sl.ranks.items() if arm in BASE_ARMS):
+                log.info("cold start: seed %s's base ranks differ from its last run: scoring again", previous["seed"])
+                return False
+    return True
+
+
+def _reuse_arms(previous: dict[str, Any], arms: Sequence[str], halves: dict[str, list[Slice]]) -> None:
+    for half, slices in halves.items():
+        for sl in slices:
+            for arm in arms:
+                sl.ranks[arm] = np.asarray(previous["ranks"][half][sl.name][arm])
+    log.info("cold start: seed %s reuses %s", previous["seed"], ", ".join(arms))
 
 
 def run_seed(
@@ -315,9 +411,21 @@ def run_seed(
     for slices in halves.values():
         for sl in slices:
             _no_llm_arms(sl, model, spaces, popularity, seed)
+    matches = _base_matches(previous, cs, halves)
+    if cs.preference_arms:
+        sources = [source for source in PREFERENCE_ARMS if cs.llm or source == "history"]  # "llm": an engine run
+        arms = [PREFERENCE_ARMS[source] for source in sources]
+        if matches and all(a in previous["ranks"]["test"][sl.name] for sl in halves["test"] for a in arms):
+            _reuse_arms(previous, arms, halves)
+            info["preference_arms"] = previous["info"].get("preference_arms", {})
+        else:
+            cache = work / "preferences_llm.json"
+            texts = {source: preference_texts(cfg, dataset, split, source, cache) for source in sources}
+            with timer(f"preference_arms_{seed}"):
+                info["preference_arms"] = _preference_arms(cfg, catalog, split, halves, encoder, texts)
     by_model: dict[str, Any] = {}
     if cs.llm:
-        by_model = _reused(previous, _reusable(previous, cs, halves), halves, info)
+        by_model = _reused(previous, list(previous.get("weights_by_model", {})) if matches else [], halves, info)
         wanted = [ZERO_SHOT, *([TRAINED] if cs.trained else [])]
         todo = [m for m in wanted if m not in by_model]
         if todo:
@@ -346,15 +454,10 @@ def _reused(
     if not previous:
         return {}
     for scorer in scorers:
-        for half, slices in halves.items():
-            for sl in slices:
-                old = previous["ranks"][half][sl.name]
-                for arm in (llm_arm(scorer), fused_arm(scorer)):
-                    sl.ranks[arm] = np.asarray(old[arm])
+        _reuse_arms(previous, [llm_arm(scorer), fused_arm(scorer)], halves)
         for key in ("llm", "adapter"):
             if scorer in previous["info"].get(key, {}):
                 info.setdefault(key, {})[scorer] = previous["info"][key][scorer]
-        log.info("cold start: seed %s reuses its %s arms", previous["seed"], scorer)
     return {scorer: previous["weights_by_model"][scorer] for scorer in scorers}
 
 

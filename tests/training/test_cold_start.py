@@ -60,3 +60,71 @@ def test_the_weight_is_chosen_on_validation_and_must_clear_a_paired_ci():
     weight, detail = _choose_weight({"w=0": base, "w=0.5": noisy, "w=1": base}, (0.0, 0.5, 1.0), n_boot=500)
     assert detail["best"] == 0.5 and weight == 0.0
     assert M.per_user(noisy)["NDCG@10"].mean() > M.per_user(base)["NDCG@10"].mean()
+
+
+def _tiny_protocol(tmp_path):
+    """The tiny generated data set (tests/training/tiny.py) split by the protocol, and an untrained SASRec."""
+    from tiny import write_tiny_dataset
+
+    from retrieval.sasrec import SASRec, SASRecConfig
+    from training.data import load_dataset
+
+    dataset = load_dataset(str(write_tiny_dataset(tmp_path / "tiny", users=40, items=80)), tmp_path / "cache")
+    split = cold_split(dataset.interactions, len(dataset.catalog), item_share=0.2, user_share=0.2, ks=(1, 3), seed=0)
+    return dataset, split, SASRec(SASRecConfig(num_items=len(dataset.catalog), hidden=16, max_len=12))
+
+
+def test_the_adapters_lists_hold_no_held_out_item_or_user(tmp_path, smollm2_tokenizer):
+    """The re-rank adapter the protocol trains (SFT and DPO rows come from these lists) never sees a held-out
+    item, as candidate or history, nor a held-out user; both kinds of list are there, with the stand-in text."""
+    from llm.labels import candidate_labels
+    from llm.prompts import PromptConfig
+    from training.cold_start import protocol_lists
+    from training.config import RerankSection
+    from training.rerank import dpo_rows, sft_rows, stand_in_text
+
+    dataset, split, model = _tiny_protocol(tmp_path)
+    held = {int(i) for half in split.new_items.values() for i in half}
+    new_users = {u for half in split.new_users.values() for u in half}
+    rc = RerankSection(k=8, train_lists=12, cold_lists=6, positions_per_user=2, cold_items=3)
+    prompt_cfg = PromptConfig(max_recent=3, max_preference_chars=150)
+    lists = protocol_lists(rc, dataset.catalog, split, model, candidate_labels(smollm2_tokenizer, 8), prompt_cfg)
+    assert len(lists) == 18
+    for e in lists:
+        assert e.user_id not in new_users and len(e.candidates) == 8
+        assert not set(e.candidates) & held
+        assert e.target in e.candidates and e.target in split.train.users[e.user_id].train
+    cold = lists[12:]
+    assert all(len(e.recent) <= 3 for e in cold)
+    for n, e in enumerate(lists):  # the preference: the history text of the prefix (its newest 3: cold kind)
+        seq = split.train.users[e.user_id].train
+        prefixes = [seq[max(0, t - 3) if n >= 12 else 0 : t] for t in range(1, len(seq)) if seq[t] == e.target]
+        assert e.preference in {stand_in_text(dataset.catalog, p, prompt_cfg) for p in prefixes}
+    rows = sft_rows(lists) + dpo_rows(lists, 1, 0)
+    titles = {dataset.catalog[i].title for i in held}
+    assert not any(t in str(row) for row in rows for t in titles)
+
+
+def test_preference_texts_come_from_the_events_past_and_the_warm_training_part(tmp_path):
+    """The no-LLM control's texts (the LLM's come from the same histories): per warm user the training part,
+    per event its own history, so no text names an event's target or a held-out item."""
+    from training.cold_start import event_key, preference_texts
+    from training.config import from_dict
+
+    dataset, split, _ = _tiny_protocol(tmp_path)
+    cfg = from_dict({"data": {"name": "tiny"}, "llm": {"history_items": 30}})
+    texts = preference_texts(cfg, dataset, split, "history", tmp_path / "unused.json")
+    titles = {i: dataset.catalog[i].title + " (" for i in range(1, len(dataset.catalog) + 1)}
+    held = {int(i) for half in split.new_items.values() for i in half}
+    assert set(split.train.users) <= set(texts)
+    for u, us in split.train.users.items():
+        assert all(titles[i] in texts[u] for i in us.train[-5:])
+        assert us.test in us.train or titles[us.test] not in texts[u]  # (the tiny data repeats some items)
+    events = [e for half in ("valid", "test") for e in split.item_events[half]]
+    events += [e for ks in split.user_events.values() for half in ("valid", "test") for e in ks[half]]
+    assert events
+    for e in events:
+        text = texts[event_key(e)]
+        assert all(titles[i] in text for i in e.history[-5:])
+        assert e.target in e.history or titles[e.target] not in text
+        assert not any(titles[i] in text for i in held)
