@@ -187,6 +187,9 @@ def coldstart(
     llm: Annotated[bool, typer.Option(help="score the LLM arms (zero-shot, label prior removed)")] = True,
     trained: Annotated[bool, typer.Option(help="also train the re-rank adapter (SFT + DPO) on the warm split")] = True,
     rerank_config: Annotated[str, typer.Option(help="config whose rerank section trains the adapter")] = "chain",
+    preference_arms: Annotated[
+        bool, typer.Option(help="SASRec with the LLM's preference text (with --llm) and with the history lines")
+    ] = True,
     calibration_lists: Annotated[int, typer.Option(help="validation lists per slice for the label prior")] = 16,
     max_events: Annotated[int | None, typer.Option(help="cap per slice and half (smoke runs)")] = None,
     verbose: Verbose = False,
@@ -202,6 +205,7 @@ def coldstart(
     cs = ColdStartConfig(
         llm=llm,
         trained=trained,
+        preference_arms=preference_arms,
         rerank=load_config(rerank_config).rerank,
         calibration_lists=calibration_lists,
         max_events=max_events,
