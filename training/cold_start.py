@@ -74,7 +74,9 @@ BASE_ARMS = ("popularity", "SASRec", "genre/decade", "content tower")
 # SASRec trained with a text per user (training.base_preferences' two sources): the LLM's, and the history lines
 # it would read (the no-LLM control)
 PREFERENCE_ARMS = {"llm": "SASRec + LLM preference", "history": "SASRec + history text (no LLM)"}
-NO_LLM_ARMS = (*BASE_ARMS, PREFERENCE_ARMS["history"])
+LIFTED = "content tower, new items lifted"
+NO_LLM_ARMS = (*BASE_ARMS, LIFTED, PREFERENCE_ARMS["history"])
+LIFTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # a new item's score + lift x the row's score sd (LIFTED)
 ZERO_SHOT, TRAINED = "zero-shot", "SFT+DPO"
 # what a seed's LLM arms depend on beyond its non-LLM ranks: a previous seed file is reused only when they match
 PROMPT_SETTINGS = ("rerank_k", "recent_items", "preference_chars", "calibration_lists", "calibration_shifts",
@@ -270,6 +272,54 @@ def _no_llm_arms(sl: Slice, model: SASRec, spaces: Mapping[str, np.ndarray], pop
         sl.rank(arm, q @ spaces[arm].T)
 
 
+def _lifted(
+    split: ColdSplit, model: SASRec, space: np.ndarray, halves: dict[str, list[Slice]], cs: ColdStartConfig
+) -> dict[str, Any]:
+    """The catalog slice's content-tower order with the half's new items raised by ``lift`` x each row's score sd
+    (the ridge map shrinks new items' vectors: they score below every popular known item). The lift is chosen on
+    the validation half over the mix the service meets: that slice's new-item events *and* every warm user's
+    validation item ranked over the same catalog, so a lift that buries known targets loses; ties: the smaller.
+    On test: arm ``LIFTED`` and, in the returned info, what the lift costs the warm users' test items."""
+    warm = {
+        "valid": [Event(u, tuple(us.train), us.valid) for u, us in split.train.users.items()],
+        "test": [Event(u, (*us.train, us.valid), us.test) for u, us in split.train.users.items()],
+    }
+    ndcg: dict[str, dict[float, tuple[np.ndarray, np.ndarray]]] = {}
+    for half in HALVES:
+        new = next((sl for sl in halves[half] if sl.name == "new items in the catalog"), None)
+        if new is None:
+            return {}
+        lift_rows = np.zeros(len(split.known))
+        lift_rows[split.new_items[half]] = 1.0
+        both = [new, Slice("warm users in the catalog", warm[half][: cs.max_events], new.candidates)]
+        raw = [_user_vectors(model, sl.events) @ space.T for sl in both]
+        ndcg[half] = {}
+        for lift in LIFTS:
+            for sl, scores in zip(both, raw, strict=True):
+                sd = scores[:, 1:].std(axis=1, keepdims=True)
+                sl.rank(LIFTED, scores + lift * sd * lift_rows[None, :])
+            ranks = [sl.ranks[LIFTED] for sl in both]
+            ndcg[half][lift] = tuple(M.per_user(r)["NDCG@10"] for r in ranks)  # type: ignore[assignment]
+    mixed = {lift: float(np.concatenate(ndcg["valid"][lift]).mean()) for lift in LIFTS}
+    chosen = max(LIFTS, key=lambda lift: (mixed[lift], -lift))
+    for half in HALVES:
+        new = next(sl for sl in halves[half] if sl.name == "new items in the catalog")
+        scores = _user_vectors(model, new.events) @ space.T
+        lift_rows = np.zeros(len(split.known))
+        lift_rows[split.new_items[half]] = 1.0
+        new.rank(LIFTED, scores + chosen * scores[:, 1:].std(axis=1, keepdims=True) * lift_rows[None, :])
+    test_warm = {f"{lift:g}": float(ndcg["test"][lift][1].mean()) for lift in LIFTS}
+    return {
+        "chosen": chosen,
+        "valid_mixed_ndcg10": {f"{lift:g}": v for lift, v in mixed.items()},
+        "valid_events": {"new": len(ndcg["valid"][0.0][0]), "warm": len(ndcg["valid"][0.0][1])},
+        "test_warm_ndcg10": test_warm,
+        "test_warm_cost": M.bootstrap_diff(ndcg["test"][chosen][1], ndcg["test"][0.0][1], n_boot=cs.bootstrap)
+        if chosen
+        else None,
+    }
+
+
 def _examples(sl: Slice, catalog: Catalog, k: int, labels: Any, prompt_cfg: Any) -> list[RerankExample]:
     """The base arm's top K per event as a re-rank list; the preference is the history stand-in."""
     keys = [f"{j}" for j in range(len(sl.events))]
@@ -411,6 +461,7 @@ def run_seed(
     for slices in halves.values():
         for sl in slices:
             _no_llm_arms(sl, model, spaces, popularity, seed)
+    info["lift"] = _lifted(split, model, spaces["content tower"], halves, cs)
     matches = _base_matches(previous, cs, halves)
     if cs.preference_arms:
         sources = [source for source in PREFERENCE_ARMS if cs.llm or source == "history"]  # "llm": an engine run
