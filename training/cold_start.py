@@ -197,7 +197,7 @@ def preference_texts(cfg: PipelineConfig, dataset: Any, split: ColdSplit, source
     prompt_cfg = prompt_config(cfg)
     if source == "history":
         return history_texts(catalog, histories, prompt_cfg)
-    settings = {"model": cfg.llm.model, "history_items": cfg.llm.history_items, "max_tokens": cfg.llm.max_tokens}
+    settings = llm_settings(cfg)
     kept = json.loads(cache.read_text(encoding="utf-8")) if cache.exists() else {}
     texts = kept.get("texts", {}) if kept.get("settings") == settings else {}
     todo = [key for key in histories if key not in texts]
@@ -413,11 +413,21 @@ def protocol_lists(
     return shuffled + cold_kind
 
 
-def _base_matches(previous: dict[str, Any] | None, cs: ColdStartConfig, halves: dict[str, list[Slice]]) -> bool:
+def llm_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """The run configuration's part of the LLM arms' prompts and texts (a seed file records it)."""
+    return {"model": cfg.llm.model, "history_items": cfg.llm.history_items, "max_tokens": cfg.llm.max_tokens}
+
+
+def _base_matches(
+    previous: dict[str, Any] | None, cfg: PipelineConfig, cs: ColdStartConfig, halves: dict[str, list[Slice]]
+) -> bool:
     """Whether the arms ``previous`` (this seed's earlier file) holds may be reused: the same prompt settings and,
-    arm by arm, the same ranks of the base arms (``BASE_ARMS``: the same SASRec, lists and prompts)."""
+    arm by arm, the same ranks of the base arms (``BASE_ARMS``: the same SASRec, lists and prompts). A file from
+    before ``llm_settings`` was recorded (2026-12-06, the default configuration's) is taken at its word."""
     settings = json.loads(json.dumps(asdict(cs)))  # as the file holds them (tuples are lists)
     if not previous or any(previous["config"].get(k) != settings[k] for k in PROMPT_SETTINGS):
+        return False
+    if previous.get("llm_settings", llm_settings(cfg)) != llm_settings(cfg):
         return False
     for half, slices in halves.items():
         for sl in slices:
@@ -462,7 +472,7 @@ def run_seed(
         for sl in slices:
             _no_llm_arms(sl, model, spaces, popularity, seed)
     info["lift"] = _lifted(split, model, spaces["content tower"], halves, cs)
-    matches = _base_matches(previous, cs, halves)
+    matches = _base_matches(previous, cfg, cs, halves)
     if cs.preference_arms:
         sources = [source for source in PREFERENCE_ARMS if cs.llm or source == "history"]  # "llm": an engine run
         arms = [PREFERENCE_ARMS[source] for source in sources]
@@ -486,6 +496,7 @@ def run_seed(
     return {
         "seed": seed,
         "config": asdict(cs),
+        "llm_settings": llm_settings(cfg),
         "info": info,
         "scorer": served if by_model else None,
         "weights": by_model.get(served, {}),
