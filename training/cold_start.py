@@ -163,7 +163,7 @@ def _item_spaces(
 
 
 def _content_space(
-    trained: np.ndarray, catalog: Catalog, split: ColdSplit, encoder: TextEncoder
+    trained: np.ndarray, catalog: Catalog, split: ColdSplit, encoder: TextEncoder | MemoEncoder
 ) -> tuple[np.ndarray, ContentTower]:
     """``trained`` (N+1, H) with the held-out items' rows from the text tower fit on the warm items' rows."""
     held = np.flatnonzero(~split.known[1:]) + 1
@@ -171,6 +171,20 @@ def _content_space(
     space = trained.copy()
     space[held] = text_vectors(tower, encoder, [catalog[int(i)] for i in held])
     return space, tower
+
+
+class MemoEncoder:
+    """``encoder`` that encodes each distinct text once (``memo``: text -> vector, kept across seeds). Only the text
+    arms use it; the base arms' encodings stay batch for batch those of the seed's earlier runs (reuse compares
+    their ranks)."""
+
+    def __init__(self, encoder: TextEncoder, memo: dict[str, np.ndarray]) -> None:
+        self.encoder, self.memo, self.dim = encoder, memo, encoder.dim
+
+    def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
+        self.memo.update(zip(todo, self.encoder.encode(todo, progress=progress), strict=True))
+        return np.stack([self.memo[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
 
 
 def event_key(e: Event) -> str:
@@ -225,7 +239,7 @@ def _preference_arms(
     catalog: Catalog,
     split: ColdSplit,
     halves: dict[str, list[Slice]],
-    encoder: TextEncoder,
+    encoder: TextEncoder | MemoEncoder,
     texts: Mapping[str, Mapping[str, str]],
 ) -> dict[str, Any]:
     """Per source of ``texts``, SASRec trained with the warm users' texts (``training.stages.train_sasrec``, as the
@@ -449,6 +463,7 @@ def _reuse_arms(previous: dict[str, Any], arms: Sequence[str], halves: dict[str,
 def run_seed(
     cfg: PipelineConfig, cs: ColdStartConfig, seed: int, timer: StageTimer, work: Path,
     previous: dict[str, Any] | None = None,
+    memo: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """One seed of the protocol: per-event ranks of every arm on every slice of both halves, and the weights."""
     cfg = replace(cfg, retriever=replace(cfg.retriever, seed=seed))
@@ -483,7 +498,8 @@ def run_seed(
             cache = work / "preferences_llm.json"
             texts = {source: preference_texts(cfg, dataset, split, source, cache) for source in sources}
             with timer(f"preference_arms_{seed}"):
-                info["preference_arms"] = _preference_arms(cfg, catalog, split, halves, encoder, texts)
+                memoized = MemoEncoder(encoder, {} if memo is None else memo)
+                info["preference_arms"] = _preference_arms(cfg, catalog, split, halves, memoized, texts)
     by_model: dict[str, Any] = {}
     if cs.llm:
         by_model = _reused(previous, list(previous.get("weights_by_model", {})) if matches else [], halves, info)
@@ -662,12 +678,13 @@ def run_protocol(
     """Every seed (each written to ``out/seed_N.json`` when it finishes; an earlier file's scorers reused, see the
     module text), then the test summary."""
     timer = StageTimer()
+    memo: dict[str, np.ndarray] = {}  # the text arms' encodings: the same item and preference texts every seed
     results = []
     for seed in seeds:
         path = out / f"seed_{seed}.json" if out is not None else None
         previous = json.loads(path.read_text(encoding="utf-8")) if path is not None and path.exists() else None
         work = (out or Path(tempfile.mkdtemp(prefix="cold-start-"))) / "work"
-        result = run_seed(cfg, cs, seed, timer, work, previous)
+        result = run_seed(cfg, cs, seed, timer, work, previous, memo)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(result))
