@@ -35,21 +35,20 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"| {_ci(row)} |"
             )
         lines.append("")
-    weights = [s["weights"] for s in doc["per_seed"] if s["weights"]]
-    if weights:
-        lines += ["## Fusion weights chosen on the validation half", "", "| slice | " + " | ".join(
-            f"seed {s['seed']}" for s in doc["per_seed"]) + " |", "|---|" + "---|" * len(doc["per_seed"])]  # fmt: skip
-        for name in weights[0]:
-            cells = []
-            for s in doc["per_seed"]:
-                w = s["weights"].get(name, {})
-                gain = w.get("gain")
-                note = ""
-                if gain:
-                    ci = f"[{gain['ci_low']:+.4f}, {gain['ci_high']:+.4f}]"
-                    note = f" (best {w.get('best'):g}, gain {gain['diff']:+.4f} {ci})"
-                cells.append(f"{w.get('chosen', 0):g}{note}")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    scorers = list(dict.fromkeys(m for s in doc["per_seed"] for m in s.get("weights_by_model") or {}))
+    for scorer in scorers:
+        lines += _weights_table(doc, scorer)
+    lifts = [s["info"].get("lift") for s in doc["per_seed"]]
+    if all(lifts):
+        lines += [
+            "## New items lifted in the whole catalog (chosen on validation: new-item events + warm validation items)",
+            "",
+            "| seed | lift (x row score sd) | warm users' test NDCG@10 at lift 0 | at the chosen lift |",
+            "|---|---|---|---|",
+        ]
+        for s, lift in zip(doc["per_seed"], lifts, strict=True):
+            warm, chosen = lift["test_warm_ndcg10"], lift["chosen"]
+            lines.append(f"| {s['seed']} | {chosen:g} | {warm['0']:.4f} | {warm[format(chosen, 'g')]:.4f} |")
         lines.append("")
     info = doc["per_seed"][0]["info"]
     lines += [
@@ -63,6 +62,29 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _weights_table(doc: dict[str, Any], scorer: str) -> list[str]:
+    seeds = doc["per_seed"]
+    lines = [
+        f"## Fusion weights of the {scorer} scorer chosen on the validation half",
+        "",
+        "| slice | " + " | ".join(f"seed {s['seed']}" for s in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
+    names = list(dict.fromkeys(n for s in seeds for n in (s.get("weights_by_model") or {}).get(scorer, {})))
+    for name in names:
+        cells = []
+        for s in seeds:
+            w = (s.get("weights_by_model") or {}).get(scorer, {}).get(name, {})
+            gain = w.get("gain")
+            note = ""
+            if gain:
+                ci = f"[{gain['ci_low']:+.4f}, {gain['ci_high']:+.4f}]"
+                note = f" (best {w.get('best'):g}, gain {gain['diff']:+.4f} {ci})"
+            cells.append(f"{w.get('chosen', 0):g}{note}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
