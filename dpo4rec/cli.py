@@ -186,7 +186,9 @@ def coldstart(
     seeds: Annotated[str, typer.Option(help="comma-separated model seeds (the held-out split stays fixed)")] = "0,1,2",
     llm: Annotated[bool, typer.Option(help="score the LLM arms (zero-shot, label prior removed)")] = True,
     trained: Annotated[bool, typer.Option(help="also train the re-rank adapter (SFT + DPO) on the warm split")] = True,
-    rerank_config: Annotated[str, typer.Option(help="config whose rerank section trains the adapter")] = "chain",
+    chain_config: Annotated[
+        str, typer.Option(help="the config whose re-rank section trains the adapter and whose LLM writes the texts")
+    ] = "chain",
     preference_arms: Annotated[
         bool, typer.Option(help="SASRec with the LLM's preference text (with --llm) and with the history lines")
     ] = True,
@@ -202,11 +204,13 @@ def coldstart(
     from training.config import load_config
 
     cfg = load_config(config, set_)
+    chain = load_config(chain_config)  # what make serve trains: its re-rank lists and its preference texts
     cs = ColdStartConfig(
         llm=llm,
         trained=trained,
         preference_arms=preference_arms,
-        rerank=load_config(rerank_config).rerank,
+        rerank=chain.rerank,
+        text_llm=chain.llm,
         calibration_lists=calibration_lists,
         max_events=max_events,
     )

@@ -51,7 +51,7 @@ from rundir.manifest import atomic_write_text
 from training import ranking_metrics as M
 from training.base_preferences import history_texts
 from training.cold_split import ColdSplit, Event, cold_split
-from training.config import PipelineConfig, RerankSection
+from training.config import LLMSection, PipelineConfig, RerankSection
 from training.data import load_dataset
 from training.engines import EngineJob, EngineWeights, engine_cfg, engine_jobs, greedy, run_isolated
 from training.rerank import (
@@ -104,6 +104,7 @@ class ColdStartConfig:
     trained: bool = True  # also train the re-rank adapter (SFT + DPO) on the warm split and score with it
     preference_arms: bool = True  # SASRec with the LLM's preference text, and with the history lines (control)
     rerank: RerankSection | None = None  # its lists and training settings (None: the run config's rerank section)
+    text_llm: LLMSection | None = None  # how the LLM writes the text arms' preferences (None: the run config's)
     calibration_lists: int = 64  # validation lists per slice whose shifted orders estimate the label prior
     calibration_shifts: int = 4
     fusion_weights: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0)
@@ -496,10 +497,11 @@ def run_seed(
             info["preference_arms"] = previous["info"].get("preference_arms", {})
         else:
             cache = work / "preferences_llm.json"
-            texts = {source: preference_texts(cfg, dataset, split, source, cache) for source in sources}
+            text_cfg = replace(cfg, llm=cs.text_llm) if cs.text_llm else cfg
+            texts = {source: preference_texts(text_cfg, dataset, split, source, cache) for source in sources}
             with timer(f"preference_arms_{seed}"):
                 memoized = MemoEncoder(encoder, {} if memo is None else memo)
-                info["preference_arms"] = _preference_arms(cfg, catalog, split, halves, memoized, texts)
+                info["preference_arms"] = _preference_arms(text_cfg, catalog, split, halves, memoized, texts)
     by_model: dict[str, Any] = {}
     if cs.llm:
         by_model = _reused(previous, list(previous.get("weights_by_model", {})) if matches else [], halves, info)
