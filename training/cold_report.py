@@ -111,9 +111,20 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def summary(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` without per-event ranks and training curves: what docs/results keeps (cold_start_summary.json)."""
+    seeds = []
+    for s in doc["per_seed"]:
+        info = {**s["info"], "adapter": {m: {k: v for k, v in a.items() if k != "curves"}
+                                         for m, a in s["info"].get("adapter", {}).items()}}  # fmt: skip
+        seeds.append({**{k: v for k, v in s.items() if k != "ranks"}, "info": info})
+    return {**doc, "per_seed": seeds}
+
+
 def write_report(doc: dict[str, Any], out: Path) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "cold_start.json", json.dumps(doc))
+    atomic_write_text(out / "cold_start_summary.json", json.dumps(summary(doc), indent=1))
     plot(doc, out / "cold_start.png")
     atomic_write_text(out / "cold_start.md", markdown(doc))
