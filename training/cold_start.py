@@ -22,8 +22,8 @@ puts its gain over weight 0 above 0 (else 0: the LLM is not called there). The s
 adapter's when trained) are the run's ``weights``.
 
 Each seed's result is written to ``OUT/seed_N.json`` as it finishes; a later run reuses a scorer's arms from
-it when the seed's non-LLM ranks come out identical (SASRec retrained to the same weights) and the prompt
-settings match, so adding a scorer does not pay for the others again.
+it when the seed's base arms' ranks come out identical (SASRec retrained to the same weights) and the prompt
+and LLM settings match, so adding a scorer or the text arms does not pay for the others again.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 
 from llm.labels import candidate_labels
-from llm.prompts import history_text
 from llm.scoring import ScoringSpec, estimate_prior, fused_scores, item_logprobs, order, shifts
 from retrieval.catalog import Catalog
 from retrieval.content import ContentTower, fit_text_tower, genre_decade_features, text_vectors
@@ -62,6 +61,7 @@ from training.rerank import (
     list_positions,
     negative_counts,
     retrieve,
+    stand_in_text,
     training_lists,
 )
 from training.rerank_training import COLD_TRAIN_ITEMS, fit_adapters
@@ -300,29 +300,29 @@ def _lifted(
         "test": [Event(u, (*us.train, us.valid), us.test) for u, us in split.train.users.items()],
     }
     ndcg: dict[str, dict[float, tuple[np.ndarray, np.ndarray]]] = {}
+    new: dict[str, Slice] = {}
+    lifted: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # half -> the new-item events' scores, 1 x sd on new items
     for half in HALVES:
-        new = next((sl for sl in halves[half] if sl.name == "new items in the catalog"), None)
-        if new is None:
+        found = next((sl for sl in halves[half] if sl.name == "new items in the catalog"), None)
+        if found is None:
             return {}
-        lift_rows = np.zeros(len(split.known))
-        lift_rows[split.new_items[half]] = 1.0
-        both = [new, Slice("warm users in the catalog", warm[half][: cs.max_events], new.candidates)]
+        new[half] = found
+        rows = np.zeros(len(split.known))
+        rows[split.new_items[half]] = 1.0
+        both = [found, Slice("warm users in the catalog", warm[half][: cs.max_events], found.candidates)]
         raw = [_user_vectors(model, sl.events) @ space.T for sl in both]
+        unit = [scores[:, 1:].std(axis=1, keepdims=True) * rows[None, :] for scores in raw]
+        lifted[half] = (raw[0], unit[0])
         ndcg[half] = {}
         for lift in LIFTS:
-            for sl, scores in zip(both, raw, strict=True):
-                sd = scores[:, 1:].std(axis=1, keepdims=True)
-                sl.rank(LIFTED, scores + lift * sd * lift_rows[None, :])
-            ranks = [sl.ranks[LIFTED] for sl in both]
-            ndcg[half][lift] = tuple(M.per_user(r)["NDCG@10"] for r in ranks)  # type: ignore[assignment]
+            for sl, scores, step in zip(both, raw, unit, strict=True):
+                sl.rank(LIFTED, scores + lift * step)
+            ndcg[half][lift] = tuple(M.per_user(sl.ranks[LIFTED])["NDCG@10"] for sl in both)  # type: ignore[assignment]
     mixed = {lift: float(np.concatenate(ndcg["valid"][lift]).mean()) for lift in LIFTS}
     chosen = max(LIFTS, key=lambda lift: (mixed[lift], -lift))
     for half in HALVES:
-        new = next(sl for sl in halves[half] if sl.name == "new items in the catalog")
-        scores = _user_vectors(model, new.events) @ space.T
-        lift_rows = np.zeros(len(split.known))
-        lift_rows[split.new_items[half]] = 1.0
-        new.rank(LIFTED, scores + chosen * scores[:, 1:].std(axis=1, keepdims=True) * lift_rows[None, :])
+        scores, step = lifted[half]
+        new[half].rank(LIFTED, scores + chosen * step)
     test_warm = {f"{lift:g}": float(ndcg["test"][lift][1].mean()) for lift in LIFTS}
     return {
         "chosen": chosen,
@@ -344,7 +344,7 @@ def _examples(sl: Slice, catalog: Catalog, k: int, labels: Any, prompt_cfg: Any)
         top = order(row)[:k]
         retrieved[key] = (top.tolist(), row[top].tolist())
     histories = {key: list(e.history) for key, e in zip(keys, sl.events, strict=True)}
-    stand_in = {key: history_text(prompt_items(catalog, h), prompt_cfg) for key, h in histories.items()}
+    stand_in = {key: stand_in_text(catalog, h, prompt_cfg) for key, h in histories.items()}
     targets = {key: e.target for key, e in zip(keys, sl.events, strict=True)}
     return evaluation_examples(catalog, keys, histories, targets, retrieved, stand_in, labels, prompt_cfg)
 
@@ -371,10 +371,6 @@ def _choose_weight(valid: dict[str, np.ndarray], weights: Sequence[float], n_boo
         "gain": diff,
         "chosen": chosen,
     }
-
-
-def _prompt_cfg(cfg: PipelineConfig, cs: ColdStartConfig) -> Any:
-    return replace(prompt_config(cfg), max_recent=cs.recent_items, max_preference_chars=cs.preference_chars)
 
 
 def adapter_settings(cfg: PipelineConfig, cs: ColdStartConfig, seed: int) -> RerankSection:
@@ -561,7 +557,7 @@ def _llm_arms(
 
     model_dir = model_folder(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt_cfg = _prompt_cfg(cfg, cs)
+    prompt_cfg = replace(prompt_config(cfg), max_recent=cs.recent_items, max_preference_chars=cs.preference_chars)
     labels = candidate_labels(tokenizer, cs.rerank_k)
     weights = {ZERO_SHOT: EngineWeights(str(model_dir))}
     if TRAINED in scorers:
@@ -682,10 +678,10 @@ def run_protocol(
     timer = StageTimer()
     memo: dict[str, np.ndarray] = {}  # the text arms' encodings: the same item and preference texts every seed
     results = []
+    work = (out or Path(tempfile.mkdtemp(prefix="cold-start-"))) / "work"  # adapters, the LLM texts' cache
     for seed in seeds:
         path = out / f"seed_{seed}.json" if out is not None else None
         previous = json.loads(path.read_text(encoding="utf-8")) if path is not None and path.exists() else None
-        work = (out or Path(tempfile.mkdtemp(prefix="cold-start-"))) / "work"
         result = run_seed(cfg, cs, seed, timer, work, previous, memo)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
