@@ -185,7 +185,7 @@ def coldstart(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. retriever.epochs=50")] = None,
     seeds: Annotated[str, typer.Option(help="comma-separated model seeds (the held-out split stays fixed)")] = "0,1,2",
     llm: Annotated[bool, typer.Option(help="score the LLM arms (zero-shot, label prior removed)")] = True,
-    trained: Annotated[bool, typer.Option(help="also train the re-rank adapter (SFT + DPO) on the warm split")] = True,
+    trained: Annotated[bool, typer.Option(help="also train re-rank adapters (SFT, then DPO); score with each")] = True,
     chain_config: Annotated[
         str, typer.Option(help="the config whose re-rank section trains the adapter and whose LLM writes the texts")
     ] = "chain",

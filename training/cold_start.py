@@ -12,14 +12,15 @@ through the same ridge map: the baseline a text model must beat). Slices and arm
 - ``new users k=1,3,5``: a held-out user's first k items revealed, the next one ranked over the known items.
   Arms: popularity, SASRec, the LLM over SASRec's top K, the fused order.
 
-The LLM scorers: the run's base model zero-shot and (``trained``) the re-rank adapter trained on this split's
-warm data the way the chain trains it (``training.rerank_training.fit_adapters``: SFT on the target label, then
-DPO; shuffled lists and lists of the cold kind, no held-out item or user in any of them). Each scorer's label
+The LLM scorers: the run's base model zero-shot and (``trained``) the re-rank adapters trained on this split's
+warm data the way the chain trains them (``training.rerank_training.fit_adapters``: SFT on the target label,
+then DPO continuing it; shuffled lists and lists of the cold kind, no held-out item or user in any of them),
+each scoring on its own: SFT, and SFT+DPO (the one the chain serves). Each scorer's label
 prior (PriDe) is estimated on shifted validation lists and removed; the preference text is the history
 stand-in the service uses on a cache miss. The fusion weight of each slice and scorer is chosen on the
 validation half only: the best validation NDCG@10 over a grid, kept only when a paired bootstrap on validation
-puts its gain over weight 0 above 0 (else 0: the LLM is not called there). The served scorer's weights (the
-adapter's when trained) are the run's ``weights``.
+puts its gain over weight 0 above 0 (else 0: the LLM is not called there). The served scorer's weights (SFT+DPO's
+when trained) are the run's ``weights``.
 
 Each seed's result is written to ``OUT/seed_N.json`` as it finishes; a later run reuses a scorer's arms from
 it when the seed's base arms' ranks come out identical (SASRec retrained to the same weights) and the prompt
@@ -28,6 +29,7 @@ and LLM settings match, so adding a scorer or the text arms does not pay for the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -77,7 +79,7 @@ PREFERENCE_ARMS = {"llm": "SASRec + LLM preference", "history": "SASRec + histor
 LIFTED = "content tower, new items lifted"
 NO_LLM_ARMS = (*BASE_ARMS, LIFTED, PREFERENCE_ARMS["history"])
 LIFTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # a new item's score + lift x the row's score sd (LIFTED)
-ZERO_SHOT, TRAINED = "zero-shot", "SFT+DPO"
+ZERO_SHOT, SFT, TRAINED = "zero-shot", "SFT", "SFT+DPO"  # SFT+DPO continues SFT's adapter: the one served
 # what a seed's LLM arms depend on beyond its non-LLM ranks: a previous seed file is reused only when they match
 PROMPT_SETTINGS = ("rerank_k", "recent_items", "preference_chars", "calibration_lists", "calibration_shifts",
                    "fusion_weights", "bootstrap", "max_events")  # fmt: skip
@@ -101,7 +103,7 @@ class ColdStartConfig:
     recent_items: int = 3  # the prompt's newest history items (as the small run serves)
     preference_chars: int = 150  # the history stand-in cut to this, as the service cuts a miss's
     llm: bool = True  # score the LLM arms (an engine run; off: the non-LLM arms only)
-    trained: bool = True  # also train the re-rank adapter (SFT + DPO) on the warm split and score with it
+    trained: bool = True  # also train the re-rank adapter (SFT, then DPO) on the warm split and score with both
     preference_arms: bool = True  # SASRec with the LLM's preference text, and with the history lines (control)
     rerank: RerankSection | None = None  # its lists and training settings (None: the run config's rerank section)
     text_llm: LLMSection | None = None  # how the LLM writes the text arms' preferences (None: the run config's)
@@ -501,7 +503,7 @@ def run_seed(
     by_model: dict[str, Any] = {}
     if cs.llm:
         by_model = _reused(previous, list(previous.get("weights_by_model", {})) if matches else [], halves, info)
-        wanted = [ZERO_SHOT, *([TRAINED] if cs.trained else [])]
+        wanted = [ZERO_SHOT, *([SFT, TRAINED] if cs.trained else [])]
         todo = [m for m in wanted if m not in by_model]
         if todo:
             with timer(f"llm_{seed}"):
@@ -560,16 +562,13 @@ def _llm_arms(
     prompt_cfg = replace(prompt_config(cfg), max_recent=cs.recent_items, max_preference_chars=cs.preference_chars)
     labels = candidate_labels(tokenizer, cs.rerank_k)
     weights = {ZERO_SHOT: EngineWeights(str(model_dir))}
-    if TRAINED in scorers:
+    if SFT in scorers or TRAINED in scorers:
         rc = adapter_settings(cfg, cs, cfg.retriever.seed)
         train = protocol_lists(rc, catalog, split, retriever, labels, prompt_cfg)
-        adapters = fit_adapters(model_dir, rc, train, work, timer)
-        info.setdefault("adapter", {})[TRAINED] = adapters.info() | {
-            "lists": len(train),
-            "cold_kind": rc.cold_lists,
-            "curves": adapters.curves(),
-        }
-        weights[TRAINED] = policy(cfg, model_dir, adapters.dpo.adapter_dir, work)
+        adapter_dirs = _trained_adapters(model_dir, rc, train, work, timer, info, retrain=TRAINED in scorers)
+        for scorer in (SFT, TRAINED):
+            if scorer in scorers:
+                weights[scorer] = policy(cfg, model_dir, adapter_dirs[scorer], work)
     prompts = ScoringPrompts(tokenizer, prompt_cfg)
     examples: dict[tuple[str, str], list[RerankExample]] = {}
     calibration = shifts(cs.rerank_k, cs.calibration_shifts)
@@ -583,8 +582,9 @@ def _llm_arms(
     jobs = [EngineJob.score(prompts.prompts, prompts.label_ids, weights[m]) for m in scorers]
     with timer(f"score_{cfg.retriever.seed}"):
         raws = run_isolated(engine_jobs, engine_cfg(cfg), jobs)
-    if TRAINED in scorers and weights[TRAINED].model != str(model_dir):
-        shutil.rmtree(weights[TRAINED].model, ignore_errors=True)  # the merged copy (~0.5 GB); the adapter stays
+    for scorer in scorers:
+        if weights[scorer].model != str(model_dir):
+            shutil.rmtree(weights[scorer].model, ignore_errors=True)  # a merged copy (~0.5 GB); the adapter stays
     chosen: dict[str, Any] = {}
     for scorer, raw in zip(scorers, raws, strict=True):
         blocks = [b for sl in halves["valid"] for b in prompts.split(raw, f"calibration/{sl.name}")]
@@ -599,6 +599,46 @@ def _llm_arms(
         }
         chosen[scorer] = _fuse(cs, halves, examples, scores, scorer)
     return chosen
+
+
+def lists_digest(train: Sequence[RerankExample]) -> str:
+    """What the adapters were trained on, as a digest (a reused adapter must come from the same lists)."""
+    return hashlib.sha256(json.dumps([asdict(e) for e in train], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _trained_adapters(
+    model_dir: Path,
+    rc: RerankSection,
+    train: Sequence[RerankExample],
+    work: Path,
+    timer: StageTimer,
+    info: dict[str, Any],
+    retrain: bool,
+) -> dict[str, Path]:
+    """Each trained scorer's adapter. SFT and DPO are trained together (DPO continues SFT's adapter). When only
+    SFT is wanted (SFT+DPO's arms reused: the seed's base arms matched, so the same SASRec drew the same lists),
+    the SFT adapter on disk is taken if its settings are these and its lists' digest, where one was written, is
+    these lists'; else both are trained again."""
+    sft_dir, digest, digest_file = work / "rerank_sft", lists_digest(train), work / "lists.sha256"
+    sft_cfg = sft_dir / "train_config.json"
+    kept = (
+        not retrain
+        and (sft_dir / "adapter").exists()
+        and sft_cfg.exists()
+        and json.loads(sft_cfg.read_text()) == json.loads(json.dumps(asdict(rc.sft)))
+        and (not digest_file.exists() or digest_file.read_text().strip() == digest)
+    )
+    if kept:
+        log.info("cold start: the SFT adapter in %s reused (same lists and settings)", sft_dir)
+        return {SFT: sft_dir / "adapter"}
+    adapters = fit_adapters(model_dir, rc, train, work, timer)
+    atomic_write_text(digest_file, digest + "\n")
+    info.setdefault("adapter", {})[TRAINED] = adapters.info() | {
+        "lists": len(train),
+        "cold_kind": rc.cold_lists,
+        "curves": adapters.curves(),
+    }
+    return {SFT: adapters.sft.adapter_dir, TRAINED: adapters.dpo.adapter_dir}
 
 
 def _fuse(

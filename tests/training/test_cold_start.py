@@ -3,8 +3,11 @@ only the past, and the fusion weight of a slice is read off validation alone."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import pytest
 
 from training import ranking_metrics as M
 from training.cold_split import cold_split, held_out_items
@@ -103,6 +106,44 @@ def test_the_adapters_lists_hold_no_held_out_item_or_user(tmp_path, smollm2_toke
     rows = sft_rows(lists) + dpo_rows(lists, 1, 0)
     titles = {dataset.catalog[i].title for i in held}
     assert not any(t in str(row) for row in rows for t in titles)
+
+
+def test_the_sft_adapter_on_disk_is_reused_only_for_its_lists_and_settings(tmp_path, smollm2_tokenizer, monkeypatch):
+    """Scoring SFT beside a reused SFT+DPO: the adapter trained with it is taken when its settings and lists'
+    digest are this seed's; a changed list or setting trains both again (here: the trainer is reached)."""
+    import json
+    from dataclasses import asdict, replace
+
+    from llm.labels import candidate_labels
+    from llm.prompts import PromptConfig
+    from training import cold_start as cs
+    from training.config import RerankSection
+    from training.stages import StageTimer
+
+    dataset, split, model = _tiny_protocol(tmp_path)
+    rc = RerankSection(k=8, train_lists=6, cold_lists=2, positions_per_user=2, cold_items=3)
+    lists = cs.protocol_lists(rc, dataset.catalog, split, model, candidate_labels(smollm2_tokenizer, 8), PromptConfig())
+    work = tmp_path / "work"
+    (work / "rerank_sft" / "adapter").mkdir(parents=True)
+    (work / "rerank_sft" / "train_config.json").write_text(json.dumps(asdict(rc.sft)))
+    (work / "lists.sha256").write_text(cs.lists_digest(lists) + "\n")
+
+    class Trained(Exception):
+        pass
+
+    def trains(*args, **kwargs):
+        raise Trained
+
+    monkeypatch.setattr(cs, "fit_adapters", trains)
+    timer = StageTimer()
+    kept = cs._trained_adapters(Path("base"), rc, lists, work, timer, {}, retrain=False)
+    assert kept == {cs.SFT: work / "rerank_sft" / "adapter"}
+    changed = [replace(lists[0], target=lists[0].candidates[1]), *lists[1:]]
+    assert cs.lists_digest(changed) != cs.lists_digest(lists)
+    for args in [(rc, changed, False), (replace(rc, sft=replace(rc.sft, learning_rate=1.0)), lists, False),
+                 (rc, lists, True)]:  # fmt: skip
+        with pytest.raises(Trained):
+            cs._trained_adapters(Path("base"), args[0], args[1], work, timer, {}, retrain=args[2])
 
 
 def test_preference_texts_come_from_the_events_past_and_the_warm_training_part(tmp_path):
