@@ -10,8 +10,7 @@ from typing import Any
 from rundir.manifest import atomic_write_text
 
 
-def _ci(row: dict[str, Any]) -> str:
-    d = row.get("vs best non-LLM")
+def _ci(d: dict[str, Any] | None) -> str:
     if d is None:
         return "(best non-LLM arm)"
     return f"{d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
@@ -32,9 +31,10 @@ def markdown(doc: dict[str, Any]) -> str:
         for row in table["rows"]:
             lines.append(
                 f"| {row['arm']} | {row['NDCG@10']:.4f} | {row['NDCG@10 sd over seeds']:.4f} | {row['Recall@10']:.4f} "
-                f"| {_ci(row)} |"
+                f"| {_ci(row.get('vs best non-LLM'))} |"
             )
         lines.append("")
+    lines += _pairs_table(doc)
     scorers = list(dict.fromkeys(m for s in doc["per_seed"] for m in s.get("weights_by_model") or {}))
     for scorer in scorers:
         lines += _weights_table(doc, scorer)
@@ -62,6 +62,24 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _pairs_table(doc: dict[str, Any]) -> list[str]:
+    """Each contrast (training.cold_start.contrasts) per slice: NDCG@10 difference with its paired CI."""
+    pairs = list(dict.fromkeys(p for table in doc["test"].values() for p in table.get("pairs", {})))
+    if not pairs:
+        return []
+    names = list(doc["test"])
+    lines = [
+        "## What the LLM changes, one step at a time (test NDCG@10 difference, paired CI)",
+        "",
+        "| contrast | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for pair in pairs:
+        cells = [doc["test"][n].get("pairs", {}).get(pair) for n in names]
+        lines.append(f"| {pair} | " + " | ".join(_ci(c) if c else "" for c in cells) + " |")
+    return [*lines, ""]
 
 
 def _weights_table(doc: dict[str, Any], scorer: str) -> list[str]:

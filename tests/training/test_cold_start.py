@@ -169,3 +169,33 @@ def test_preference_texts_come_from_the_events_past_and_the_warm_training_part(t
         assert all(titles[i] in text for i in e.history[-5:])
         assert e.target in e.history or titles[e.target] not in text
         assert not any(titles[i] in text for i in held)
+
+
+def test_the_report_pairs_each_llm_step_with_the_arm_it_starts_from():
+    """The LLM's own effect, paired per event: its preference text against the history lines it read, each
+    re-rank training against its starting scorer; a contrast whose arm is missing is left out."""
+    from training.cold_report import markdown
+    from training.cold_start import PREFERENCE_ARMS, SFT, ZERO_SHOT, llm_arm, summarize
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 40, size=200)
+    arms = {"SASRec": base, PREFERENCE_ARMS["history"]: np.maximum(base - 8, 0), PREFERENCE_ARMS["llm"]: base,
+            llm_arm(ZERO_SHOT): base, llm_arm(SFT): base}  # fmt: skip
+    fit = {"alpha": 1, "holdout_r2": 0.1}
+    info = {"held_out_items": 1, "warm_items": 2, "content_tower": fit, "genre_decade": fit}
+    seed = {
+        "ranks": {"test": {"new users k=1": {a: r.tolist() for a, r in arms.items()}}},
+        "events": {"test": {"new users k=1": 200}},
+        "weights_by_model": {},
+        "info": info,
+    }
+    table = summarize([seed], n_boot=300)["new users k=1"]
+    pairs = table["pairs"]
+    llm_vs_history = pairs[f"{PREFERENCE_ARMS['llm']} vs {PREFERENCE_ARMS['history']}"]
+    assert llm_vs_history["ci_high"] < 0  # the history lines move targets up; the LLM's text does not
+    assert pairs[f"{llm_arm(SFT)} vs {llm_arm(ZERO_SHOT)}"]["diff"] == 0
+    assert not any(k.startswith("LLM (SFT+DPO") for k in pairs)  # not scored: no row
+    assert table["best_non_llm"] == PREFERENCE_ARMS["history"]
+    doc = {"dataset": "d", "seeds": [0], "test": {"new users k=1": table}, "per_seed": [seed], "stage_seconds": {}}
+    md = markdown(doc)
+    assert "What the LLM changes" in md and f"{PREFERENCE_ARMS['llm']} vs" in md
