@@ -199,3 +199,47 @@ def test_the_report_pairs_each_llm_step_with_the_arm_it_starts_from():
     doc = {"dataset": "d", "seeds": [0], "test": {"new users k=1": table}, "per_seed": [seed], "stage_seconds": {}}
     md = markdown(doc)
     assert "What the LLM changes" in md and f"{PREFERENCE_ARMS['llm']} vs" in md
+
+
+def _scored_lists(rng, n: int, k: int, signal: float):
+    """``n`` re-rank lists of ``k`` with the retriever's scores falling by position and an LLM score that marks
+    the target with strength ``signal`` (0: noise)."""
+    from training.rerank import RerankExample
+
+    positions = rng.integers(0, k, size=n)
+    examples, scores = [], []
+    for j, p in enumerate(positions):
+        cand = list(range(1, k + 1))
+        examples.append(RerankExample(f"u{j}", cand, [], [], cand[p], int(p), list(np.linspace(1, 0, k))))
+        s = rng.normal(size=k)
+        s[p] += signal
+        scores.append(s)
+    return positions, examples, scores
+
+
+def test_the_fusion_weights_read_validation_only():
+    """Changing every test event (targets, the LLM's scores) leaves each slice's weight and its validation
+    detail unchanged; changing validation moves them (so the check can fail)."""
+    from training.cold_split import Event
+    from training.cold_start import ColdStartConfig, Slice, _fuse
+
+    def run(valid_signal: float, test_seed: int) -> tuple[dict, np.ndarray]:
+        rng = np.random.default_rng(0)
+        halves, examples, scores = {}, {}, {}
+        for half, n, signal, r in (
+            ("valid", 300, valid_signal, rng),
+            ("test", 120, 3.0, np.random.default_rng(test_seed)),
+        ):
+            positions, ex, sc = _scored_lists(r, n, 8, signal)
+            sl = Slice("shelf", [Event(e.user_id, (), e.target) for e in ex], np.ones(9, bool))
+            sl.ranks["content tower"] = positions
+            halves[half], examples[half, "shelf"], scores[half, "shelf"] = [sl], ex, sc
+        chosen = _fuse(ColdStartConfig(bootstrap=300), halves, examples, scores, "zero-shot")
+        return chosen, halves["test"][0].ranks["fused (zero-shot, weight chosen on validation)"]
+
+    chosen, test_ranks = run(valid_signal=3.0, test_seed=1)
+    assert chosen["shelf"]["chosen"] > 0
+    other, other_ranks = run(valid_signal=3.0, test_seed=2)
+    assert other == chosen and not np.array_equal(other_ranks, test_ranks)
+    noise, _ = run(valid_signal=0.0, test_seed=1)
+    assert noise["shelf"]["chosen"] == 0 and noise != chosen
