@@ -566,6 +566,9 @@ def _llm_arms(
         rc = adapter_settings(cfg, cs, cfg.retriever.seed)
         train = protocol_lists(rc, catalog, split, retriever, labels, prompt_cfg)
         adapter_dirs = _trained_adapters(model_dir, rc, train, work, timer, info, retrain=TRAINED in scorers)
+        # both trained again (the SFT adapter on disk could not be reused): the new SFT+DPO scores too, replacing
+        # the reused arms that an adapter no longer on disk scored
+        scorers = [*scorers, *(s for s in adapter_dirs if s not in scorers)]
         for scorer in (SFT, TRAINED):
             if scorer in scorers:
                 weights[scorer] = policy(cfg, model_dir, adapter_dirs[scorer], work)
@@ -629,7 +632,8 @@ def _trained_adapters(
         and (not digest_file.exists() or digest_file.read_text().strip() == digest)
     )
     if kept:
-        log.info("cold start: the SFT adapter in %s reused (same lists and settings)", sft_dir)
+        lists = "digest matched" if digest_file.exists() else "no digest then: the base arms' match stands for it"
+        log.info("cold start: the SFT adapter in %s reused (its settings; lists: %s)", sft_dir, lists)
         return {SFT: sft_dir / "adapter"}
     adapters = fit_adapters(model_dir, rc, train, work, timer)
     atomic_write_text(digest_file, digest + "\n")
