@@ -65,7 +65,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def _pairs_table(doc: dict[str, Any]) -> list[str]:
-    """Each contrast (training.cold_start.contrasts) per slice: NDCG@10 difference with its paired CI."""
+    """Each contrast (training.cold_start.CONTRASTS) per slice: NDCG@10 difference with its paired CI."""
     pairs = list(dict.fromkeys(p for table in doc["test"].values() for p in table.get("pairs", {})))
     if not pairs:
         return []

@@ -93,6 +93,17 @@ def fused_arm(scorer: str) -> str:
     return f"fused ({scorer}, weight chosen on validation)"
 
 
+# what the LLM itself changes, arm against the arm it differs from in one step: its preference text against the
+# history lines it reads (and those against plain SASRec), each re-rank training against the scorer it starts from
+CONTRASTS = (
+    (PREFERENCE_ARMS["llm"], PREFERENCE_ARMS["history"]),
+    (PREFERENCE_ARMS["history"], "SASRec"),
+    (llm_arm(SFT), llm_arm(ZERO_SHOT)),
+    (llm_arm(TRAINED), llm_arm(SFT)),
+    (llm_arm(TRAINED), llm_arm(ZERO_SHOT)),
+)
+
+
 @dataclass
 class ColdStartConfig:
     item_share: float = 0.2  # the latest-appearing items held out (new releases)
@@ -679,22 +690,10 @@ def _fuse(
     return chosen
 
 
-def contrasts() -> list[tuple[str, str]]:
-    """What the LLM itself changes, arm against the arm it differs from in one step: its preference text against
-    the history lines it reads, each re-rank training against the scorer it starts from."""
-    return [
-        (PREFERENCE_ARMS["llm"], PREFERENCE_ARMS["history"]),
-        (PREFERENCE_ARMS["history"], "SASRec"),
-        (llm_arm(SFT), llm_arm(ZERO_SHOT)),
-        (llm_arm(TRAINED), llm_arm(SFT)),
-        (llm_arm(TRAINED), llm_arm(ZERO_SHOT)),
-    ]
-
-
 def summarize(seeds: Sequence[dict[str, Any]], n_boot: int) -> dict[str, Any]:
     """Per slice and arm on the test half: NDCG@10 and Recall@10 (mean and spread over seeds), and the paired
     bootstrap CI of each arm against the best non-LLM arm on per-event metrics averaged over the seeds; and of
-    each of ``contrasts()`` present."""
+    each of ``CONTRASTS`` present."""
     out: dict[str, Any] = {}
     for name in seeds[0]["ranks"]["test"]:
         arms = list(seeds[0]["ranks"]["test"][name])
@@ -725,7 +724,7 @@ def summarize(seeds: Sequence[dict[str, Any]], n_boot: int) -> dict[str, Any]:
             rows.append(row)
         pairs = {
             f"{a} vs {b}": M.bootstrap_diff(per_event[a]["NDCG@10"], per_event[b]["NDCG@10"], n_boot=n_boot)
-            for a, b in contrasts()
+            for a, b in CONTRASTS
             if a in per_event and b in per_event
         }
         out[name] = {"events": seeds[0]["events"]["test"][name], "best_non_llm": best, "rows": rows, "pairs": pairs}
